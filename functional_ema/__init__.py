@@ -1,0 +1,38 @@
+"""functional_ema: TensorFlow-exact exponential moving averages of PyTorch weights.
+
+A functional core over ``torch.func`` and optree pytrees, and a thin ``nn.Module`` adapter.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from functional_ema._adapter import EMA as EMA
+from functional_ema._core import ema_update as ema_update
+from functional_ema._core import ema_update_ as ema_update_
+from functional_ema._decay import tf_decay as tf_decay
+from functional_ema._module import apply as apply
+from functional_ema._module import module_state as module_state
+from functional_ema._state import EmaState as EmaState
+from functional_ema._state import average as average
+from functional_ema._state import init as init
+from functional_ema._state import update as update
+from functional_ema._state import update_ as update_
+
+
+try:
+    __version__ = version("functional_ema")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "EMA",
+    "EmaState",
+    "apply",
+    "average",
+    "ema_update",
+    "ema_update_",
+    "init",
+    "module_state",
+    "tf_decay",
+    "update",
+    "update_",
+]

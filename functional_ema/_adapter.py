@@ -1,0 +1,296 @@
+"""``EMA``: a stateful ``nn.Module`` adapter over the functional core, for classic scripts."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from functional_ema._decay import check_decay, tf_decay
+from functional_ema._errors import prefix_hint, short_list
+from functional_ema._module import apply, check_unwrapped, module_state
+from functional_ema._state import BufferPolicy, EmaState, init, update_
+from functional_ema._tree import check_pair
+from functional_ema._types import Decay, Schedule
+
+
+def _tf_warmup(decay: Decay | Schedule, step: Tensor) -> Tensor:
+    value = decay(step) if callable(decay) and not isinstance(decay, Tensor) else decay
+    return tf_decay(value, step)
+
+
+def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Register ``tensors`` as buffers of nested containers mirroring their dotted names."""
+    for name, tensor in tensors.items():
+        *path, leaf = name.split(".")
+        owner = root
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]  # type: ignore[assignment]
+        owner.register_buffer(leaf, tensor)
+
+
+class EMA(nn.Module):
+    r"""Exponential moving average of a model, for classic training scripts.
+
+    A thin adapter over the functional core: :meth:`update` pulls the live model's state
+    with :func:`module_state` and calls :func:`update_`, with TensorFlow's arithmetic
+    (:math:`\bar\theta \leftarrow \bar\theta - (\bar\theta - \theta)(1 - \beta)`, bit for
+    bit). In training mode ``ema(x)`` runs the live model; in eval mode it runs the averages
+    through ``functional_call`` with the live model as a template (the live model is never
+    touched). ``ema.train()`` / ``ema.eval()`` also set the live model's mode, as the classic
+    ``EMA`` snippet (which registers the model) does; the live model is not registered, so
+    ``ema.state_dict()`` holds only the averages and the step counter and ``ema.to(...)``
+    moves only the averages.
+
+    Args:
+        model: The live model (not a DDP or ``torch.compile`` wrapper: pass ``model.module``
+            or ``model._orig_mod``). Its trainable parameters are averaged; buffers and frozen
+            parameters are copied at each update (see ``buffer_policy``).
+        decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule (a callable of
+            the update count, a 0-dim int64 tensor).
+        use_num_updates: Apply TF's ``num_updates`` warmup
+            :math:`\min(\beta, (1 + n) / (10 + n))` with :math:`n` the number of updates
+            applied so far (0 at the first update), computed by :func:`tf_decay`.
+        dtype: Floating dtype of the averages, e.g. ``torch.float32`` for a bfloat16 model
+            (a bfloat16 average stalls at high decay). ``None`` keeps the model's dtypes.
+            Forward, :meth:`swap`, :meth:`copy_to` and :attr:`shadow` cast to the model's.
+        buffer_policy: ``"copy"`` (default) or ``"average"`` floating buffers (integer
+            buffers such as ``num_batches_tracked`` are always copied).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = fe.EMA(model, 0.9)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.add_(1.0)
+        >>> ema.update()
+        >>> _ = ema.eval()
+        >>> torch.equal(ema(torch.ones(1, 2)), model(torch.ones(1, 2)))
+        False
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: Decay | Schedule,
+        *,
+        use_num_updates: bool = False,
+        dtype: torch.dtype | None = None,
+        buffer_policy: BufferPolicy = "copy",
+    ) -> None:
+        super().__init__()
+        api = "EMA"
+        check_unwrapped(api, model)
+        if not callable(decay) or isinstance(decay, Tensor):
+            decay = check_decay(api, decay)
+        if buffer_policy not in ("copy", "average"):
+            raise ValueError(
+                f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
+            )
+        params, buffers = module_state(model)
+        state = init(params, buffers, dtype=dtype)
+        # The live model is a template, not a submodule: not in state_dict, not moved by .to().
+        object.__setattr__(self, "_model", model)
+        self.decay: Decay | Schedule = (
+            functools.partial(_tf_warmup, decay) if use_num_updates else decay
+        )
+        self.buffer_policy: BufferPolicy = buffer_policy
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        self._swapped = False
+        self.register_buffer("step", state["step"])
+        self.averages = nn.Module()
+        _register_tree(self.averages, {**state["params"], **state["buffers"]})
+        self.train(model.training)
+
+    @property
+    def model(self) -> nn.Module:
+        """The live model this EMA tracks."""
+        return self._model
+
+    def state(self) -> EmaState:
+        """The adapter's :class:`EmaState`: its own tensors (no copy), keyed by model names."""
+        held = dict(self.averages.named_buffers())
+        return EmaState(
+            step=self.step,
+            params={name: held[name] for name in self._param_names},
+            buffers={name: held[name] for name in self._buffer_names},
+            biased=None,
+            local_step=None,
+        )
+
+    def train(self, mode: bool = True) -> EMA:
+        """Set the adapter's and the live model's mode (eval: ``forward`` uses the averages)."""
+        super().train(mode)
+        self._model.train(mode)
+        return self
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Update the averages from the live model (one call per optimizer step).
+
+        Calls :func:`update_` on the adapter's state with the model's current
+        :func:`module_state`; all checks run before anything is written. In eval mode it
+        warns and does nothing, as the classic ``EMA`` snippet does.
+
+        Raises:
+            RuntimeError: Inside :meth:`swap` (the model holds the averages, not the weights).
+            ValueError: If the model's names, shapes or devices changed since construction.
+        """
+        if self._swapped:
+            raise RuntimeError(
+                "EMA.update: called inside `with ema.swap():`: the live model holds the "
+                "averages, so this would average them into themselves. Call update() after the "
+                "`with` block."
+            )
+        if not self.training:
+            warnings.warn(
+                "EMA.update: the EMA is in eval mode; the update was skipped. Call ema.train() "
+                "(or update only during training).",
+                stacklevel=2,
+            )
+            return
+        params, buffers = module_state(self._model)
+        update_(self.state(), params, self.decay, buffers, buffer_policy=self.buffer_policy)
+
+    def _averages_for(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The averages keyed like ``module_state(module)``, cast to that module's dtypes."""
+        live_params, live_buffers = module_state(module)
+        state = self.state()
+        held = {**state["params"], **state["buffers"]}
+        live = {**live_params, **live_buffers}
+        check_pair("EMA", held, live, ("averages", "module"))
+        return (
+            {name: held[name].to(live[name].dtype) for name in live_params},
+            {name: held[name].to(live[name].dtype) for name in live_buffers},
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Train mode: the live model. Eval mode: the averages (the live model untouched)."""
+        if self.training:
+            return self._model(*args, **kwargs)
+        params, buffers = self._averages_for(self._model)
+        return apply(self._model, params, buffers, *args, **kwargs)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Copy the averages (and held buffers) into ``module``'s own tensors.
+
+        Args:
+            module: A model with the tracked model's names and shapes (e.g. a fresh instance
+                for export); floating values are cast to its dtypes.
+
+        Raises:
+            ValueError: If names, shapes or devices differ (checked before any write).
+        """
+        check_unwrapped("EMA.copy_to", module)
+        params, buffers = self._averages_for(module)
+        averages = {**params, **buffers}
+        live_params, live_buffers = module_state(module)
+        for name, tensor in {**live_params, **live_buffers}.items():
+            tensor.copy_(averages[name])
+
+    @contextmanager
+    def swap(self) -> Iterator[nn.Module]:
+        """Swap the averages into the live model for the ``with`` block, then restore it.
+
+        The live weights and buffers are restored bit for bit on exit, also when the body
+        raises. ``update()`` is refused inside the block.
+
+        Yields:
+            The live model, holding the averages.
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> model = torch.nn.Linear(2, 1)
+            >>> ema = fe.EMA(model, 0.9)
+            >>> before = model.weight.clone()
+            >>> with ema.swap():
+            ...     _ = model(torch.ones(1, 2))
+            >>> torch.equal(model.weight, before)
+            True
+        """
+        if self._swapped:
+            raise RuntimeError("EMA.swap: already inside `with ema.swap():`; do not nest it.")
+        params, buffers = self._averages_for(self._model)
+        live_params, live_buffers = module_state(self._model)
+        live = {**live_params, **live_buffers}
+        averages = {**params, **buffers}
+        backup = {name: tensor.clone() for name, tensor in live.items()}
+        try:
+            with torch.no_grad():
+                for name, tensor in live.items():
+                    tensor.copy_(averages[name])
+            self._swapped = True
+            yield self._model
+        finally:
+            with torch.no_grad():
+                for name, tensor in live.items():
+                    tensor.copy_(backup[name])
+            self._swapped = False
+
+    @property
+    def shadow(self) -> nn.Module:
+        """A new module with the model's structure and names, holding a copy of the averages.
+
+        Built by copying the live model's structure with every parameter and buffer replaced
+        by the (cast) averages, so no live tensor is copied; its parameters have
+        ``requires_grad=False`` and it is returned in eval mode, for export and evaluation
+        code that needs a module.
+        """
+        params, buffers = self._averages_for(self._model)
+        values = {**params, **buffers}
+        memo: dict[int, Any] = {}
+        for name, tensor in self._model.named_parameters():
+            memo[id(tensor)] = nn.Parameter(values[name].clone(), requires_grad=False)
+        for name, tensor in self._model.named_buffers():
+            memo[id(tensor)] = values[name].clone()
+        return copy.deepcopy(self._model, memo).eval()
+
+    def load_state_dict(
+        self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load averages and step counter saved by :meth:`state_dict`, checked before writing.
+
+        Raises:
+            ValueError: Missing or unexpected keys (with a hint for 'module.' / '_orig_mod.'
+                prefixes), or a shape or dtype that differs from this adapter's.
+        """
+        own = self.state_dict(keep_vars=True)
+        missing, extra = set(own) - set(state_dict), set(state_dict) - set(own)
+        if strict and (missing or extra):
+            raise ValueError(
+                f"EMA.load_state_dict: keys do not match: missing {short_list(missing)}, "
+                f"unexpected {short_list(extra)}. Load a state saved by an EMA of the same "
+                f"model architecture.{prefix_hint(missing, extra, 'this EMA', 'the checkpoint')}"
+            )
+        for key, tensor in state_dict.items():
+            if key not in own:
+                continue
+            mine = own[key]
+            if (
+                not isinstance(tensor, Tensor)
+                or tensor.shape != mine.shape
+                or (tensor.dtype != mine.dtype)
+            ):
+                got = (
+                    f"{tuple(tensor.shape)} {tensor.dtype}"
+                    if isinstance(tensor, Tensor)
+                    else type(tensor).__name__
+                )
+                raise ValueError(
+                    f"EMA.load_state_dict: mismatch at {key!r}: expected "
+                    f"{tuple(mine.shape)} {mine.dtype}, got {got}. Load a state saved by an EMA "
+                    "of the same model with the same `dtype`."
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

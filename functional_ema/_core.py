@@ -1,0 +1,129 @@
+"""The EMA leaf routine and the pure and in-place tree updates built on it."""
+
+from __future__ import annotations
+
+import optree
+import torch
+from torch import Tensor
+
+from functional_ema._decay import averaging_weight, check_decay, weight_as
+from functional_ema._tree import check_pair, is_inexact
+from functional_ema._types import Decay, T
+
+
+def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
+    """Copy ``value`` into ``shadow`` (in place) or return a copy of it."""
+    return shadow.copy_(value) if inplace else value.clone()
+
+
+def average_leaf(shadow: Tensor, value: Tensor, weight: float | Tensor, *, inplace: bool) -> Tensor:
+    """TF's ``shadow - (shadow - value) * weight``, each operation rounded in the leaf dtype.
+
+    ``weight`` is already cast to ``shadow.dtype`` (see ``weight_as``). Integer and bool
+    leaves are copied. ``value`` in another floating dtype is first cast to ``shadow``'s, so
+    a wide shadow averages a narrow model exactly in the wide dtype.
+    """
+    if not is_inexact(shadow):
+        return copy_leaf(shadow, value, inplace=inplace)
+    if value.dtype != shadow.dtype:
+        value = value.to(shadow.dtype)
+    step = (shadow - value) * weight
+    return shadow.sub_(step) if inplace else shadow - step
+
+
+class WeightCache:
+    """The averaging weight of one call, cast once per leaf dtype."""
+
+    def __init__(self, decay: Decay) -> None:
+        self._weight = averaging_weight(decay)
+        self._by_dtype: dict[torch.dtype, float | Tensor] = {}
+
+    def __call__(self, dtype: torch.dtype) -> float | Tensor:
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = weight_as(self._weight, dtype)
+        return self._by_dtype[dtype]
+
+
+def _ema_update(api: str, shadow: T, params: T, decay: Decay, *, inplace: bool) -> T:
+    decay = check_decay(api, decay)
+    shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
+    weights = WeightCache(decay)
+    new = [
+        average_leaf(s, p, weights(s.dtype), inplace=inplace)
+        for s, p in zip(shadow_leaves, params_leaves, strict=True)
+    ]
+    return shadow if inplace else optree.tree_unflatten(spec, new)
+
+
+def ema_update(shadow: T, params: T, decay: Decay) -> T:
+    r"""Return the moving average of ``shadow`` towards ``params`` as a new tree.
+
+    Per floating leaf, exactly as TensorFlow's ``assign_moving_average``:
+
+    .. math::
+        w = \mathrm{cast}_{\mathrm{dtype}}\big(\mathrm{f32}(1) - \mathrm{f32}(\beta)\big), \qquad
+        \bar\theta \leftarrow \bar\theta - (\bar\theta - \theta)\, w
+
+    with every operation rounded in the leaf's dtype, which reproduces TF's shadow values bit
+    for bit in float32, float64, float16 and bfloat16 (``torch.lerp`` and
+    ``decay * s + (1 - decay) * p`` round differently). Integer and bool leaves (e.g.
+    BatchNorm's ``num_batches_tracked``) are copied from ``params``, never averaged.
+
+    Args:
+        shadow: The running averages: any optree pytree of tensors. Not modified.
+        params: A tree with the structure, shapes and devices of ``shadow``. Floating leaves
+            may be narrower than ``shadow``'s (a float32 average of a bfloat16 model); the
+            update then runs in ``shadow``'s dtype. Not modified.
+        decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor (read on
+            the device, no host sync); ``1.0`` freezes, ``0.0`` copies.
+
+    Returns:
+        A new tree like ``shadow``. It is differentiable with respect to ``params`` like any
+        torch expression; pass detached tensors to keep no autograd history.
+
+    Raises:
+        ValueError: If structure, shapes or devices differ, or ``decay`` is out of range.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
+            wrong type.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> fe.ema_update({"w": torch.zeros(2)}, {"w": torch.ones(2)}, decay=0.9)
+        {'w': tensor([0.1000, 0.1000])}
+
+    See also: :func:`ema_update_` (in place), :func:`update` (state with step counter).
+    """
+    return _ema_update("ema_update", shadow, params, decay, inplace=False)
+
+
+@torch.no_grad()
+def ema_update_(shadow: T, params: T, decay: Decay) -> T:
+    r"""In-place twin of :func:`ema_update`: update ``shadow``'s tensors and return ``shadow``.
+
+    Same leaf routine and bits as :func:`ema_update`; runs under ``torch.no_grad()``. Every
+    check runs before the first tensor is written, so a failed call leaves ``shadow`` as it
+    was.
+
+    .. math:: \bar\theta \leftarrow \bar\theta - (\bar\theta - \theta)\, w
+
+    Args:
+        shadow: The running averages, modified in place.
+        params: A tree with the structure, shapes and devices of ``shadow``. Not modified.
+        decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor.
+
+    Returns:
+        ``shadow`` itself.
+
+    Raises:
+        ValueError: If structure, shapes or devices differ, or ``decay`` is out of range.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
+            wrong type.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> shadow = {"w": torch.zeros(2)}
+        >>> _ = fe.ema_update_(shadow, {"w": torch.ones(2)}, decay=0.9)
+        >>> shadow
+        {'w': tensor([0.1000, 0.1000])}
+    """
+    return _ema_update("ema_update_", shadow, params, decay, inplace=True)

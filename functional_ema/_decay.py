@@ -1,0 +1,156 @@
+"""Decay validation, TensorFlow's float32 averaging weight and its ``num_updates`` warmup."""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+from torch import Tensor
+
+from functional_ema._types import Decay
+
+
+def _float32(value: float) -> float:
+    """Round a Python float to the nearest float32 (ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _host_readable(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` on the host costs no device sync and breaks no transform."""
+    return (
+        tensor.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    )
+
+
+def check_decay(api: str, decay: object) -> Decay:
+    """Validate ``decay`` and return it as a Python float or a 0-dim floating tensor.
+
+    Python numbers are checked to lie in [0, 1]. Tensor values are not read (that would be a
+    host sync on an accelerator); only their shape and dtype are checked.
+    """
+    if isinstance(decay, Tensor):
+        if decay.ndim != 0:
+            raise ValueError(
+                f"{api}: `decay` must be a scalar: expected a 0-dim tensor, got shape "
+                f"{tuple(decay.shape)}. Pass one decay per call (use torch.func.vmap for one "
+                "decay per ensemble member)."
+            )
+        if not decay.is_floating_point():
+            raise TypeError(
+                f"{api}: `decay` must be a floating tensor: expected e.g. torch.float32, got "
+                f"{decay.dtype}. Pass torch.tensor(0.999) or a Python float."
+            )
+        return decay
+    if isinstance(decay, bool) or not isinstance(decay, int | float):
+        raise TypeError(
+            f"{api}: `decay` must be a Python float or a 0-dim floating tensor, got "
+            f"{type(decay).__name__} ({decay!r}). Pass e.g. decay=0.999."
+        )
+    value = float(decay)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{api}: `decay` must be in [0, 1], got {value!r}. 1.0 freezes the average, 0.0 "
+            "copies the values; typical values are 0.99 to 0.9999."
+        )
+    return value
+
+
+def averaging_weight(decay: Decay) -> float | Tensor:
+    """TensorFlow's weight ``float32(1) - float32(decay)``.
+
+    A Python float in, a Python float out (exactly a float32 value); a tensor in, a 0-dim
+    float32 tensor on the same device out (no host sync).
+    """
+    if isinstance(decay, Tensor):
+        return 1 - decay.to(torch.float32)
+    # 1 - x is exact in float64 for a float32 x in [0, 1] (down to 2**-30), so rounding the
+    # float64 difference to float32 once gives the float32 subtraction TF performs.
+    return _float32(1.0 - _float32(decay))
+
+
+def weight_as(weight: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """Cast the float32 weight to a leaf dtype, as TF's ``cast(1 - decay, var.dtype)``.
+
+    For a Python weight the result is a Python float exactly representable in ``dtype``, so
+    ``tensor * result`` multiplies by the rounded value (PyTorch would otherwise keep a
+    Python scalar in float32 for bfloat16 and float16 arithmetic).
+    """
+    if isinstance(weight, Tensor):
+        return weight.to(dtype)
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
+        return weight
+    return torch.tensor(weight, dtype=dtype).item()
+
+
+def _check_count(api: str, num_updates: object) -> Tensor | int:
+    if isinstance(num_updates, Tensor):
+        if num_updates.is_complex() or num_updates.dtype == torch.bool:
+            raise TypeError(
+                f"{api}: `num_updates` must be an integer count, got a tensor of dtype "
+                f"{num_updates.dtype}. Pass e.g. torch.tensor(step, dtype=torch.int64)."
+            )
+        if _host_readable(num_updates) and bool((num_updates < 0).any()):
+            raise ValueError(
+                f"{api}: `num_updates` must be >= 0, got {num_updates.tolist()}. Pass the number "
+                "of updates applied so far (0 before the first one)."
+            )
+        return num_updates
+    if isinstance(num_updates, bool) or not isinstance(num_updates, int):
+        raise TypeError(
+            f"{api}: `num_updates` must be an int or an integer tensor, got "
+            f"{type(num_updates).__name__} ({num_updates!r}). Pass the update count, e.g. 0."
+        )
+    if num_updates < 0:
+        raise ValueError(
+            f"{api}: `num_updates` must be >= 0, got {num_updates}. Pass the number of updates "
+            "applied so far (0 before the first one)."
+        )
+    return num_updates
+
+
+def tf_decay(decay: Decay, num_updates: int | Tensor) -> Tensor:
+    r"""TensorFlow's decay with the ``num_updates`` warmup, computed in float32 as TF does.
+
+    .. math:: \beta_n = \min\left(\beta, \frac{1 + n}{10 + n}\right)
+
+    Both ``decay`` and ``n`` are rounded to float32 first and every operation is rounded in
+    float32, exactly as ``tf.train.ExponentialMovingAverage(decay, num_updates=n)`` computes
+    it; counts beyond 2**24 therefore round like TF's. Tensors stay on their device and are
+    not read on the host (negative tensor counts are rejected only for CPU tensors outside
+    ``torch.compile`` and ``torch.func`` transforms).
+
+    Args:
+        decay: The decay :math:`\beta` in [0, 1]: a Python float or a 0-dim floating tensor.
+        num_updates: The count :math:`n \ge 0`: an int or an integer tensor.
+
+    Returns:
+        A float32 tensor (0-dim for scalar inputs) on the device of the tensor inputs.
+
+    Raises:
+        ValueError: If ``decay`` is outside [0, 1] or ``num_updates`` is negative.
+        TypeError: If either has the wrong type.
+
+    Example:
+        >>> import functional_ema as fe
+        >>> fe.tf_decay(0.999, 0)
+        tensor(0.1000)
+        >>> fe.tf_decay(0.999, 10**6)
+        tensor(0.9990)
+    """
+    api = "tf_decay"
+    decay = check_decay(api, decay)
+    count = _check_count(api, num_updates)
+    if isinstance(decay, Tensor):
+        device = decay.device
+    elif isinstance(count, Tensor):
+        device = count.device
+    else:
+        device = torch.device("cpu")
+    decay32 = torch.as_tensor(decay, device=device).to(torch.float32)
+    if isinstance(count, Tensor):
+        count32 = count.to(torch.float32)
+    else:
+        count32 = torch.tensor(count, dtype=torch.int64, device=device).to(torch.float32)
+    return torch.minimum(decay32, (1.0 + count32) / (10.0 + count32))

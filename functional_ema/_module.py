@@ -1,0 +1,149 @@
+"""Module state as pytrees, and forward passes on such trees via ``functional_call``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedTensorMixin
+
+from functional_ema._errors import prefix_hint, short_list
+from functional_ema._types import Buffers, Params
+
+
+def check_unwrapped(api: str, module: nn.Module) -> None:
+    """Reject DDP / DataParallel / torch.compile wrappers, whose names carry a prefix."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{api}: `module` must be a torch.nn.Module, got {type(module).__name__}. "
+            "For a tree of tensors use init / update / ema_update directly."
+        )
+    if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        prefix, fix = "module.", "model.module"
+    elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        prefix, fix = "_orig_mod.", "model._orig_mod"
+    else:
+        return
+    raise ValueError(
+        f"{api}: wrapped model at '<root>': expected the model itself, got "
+        f"{type(module).__name__}, whose parameter names carry the {prefix!r} prefix. "
+        f"Pass `{fix}` instead (it shares the same parameters), so names and checkpoints match "
+        "the bare model."
+    )
+
+
+def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Params, Buffers]:
+    """Pull a module's state into ``(params, buffers)`` dicts keyed by its own dotted names.
+
+    ``params`` holds the trainable parameters (``requires_grad=True``), the ones TensorFlow
+    averages; ``buffers`` holds every buffer (persistent or not) and, by default, the frozen
+    parameters: they are not averaged but travel with the buffers, so a forward on the
+    averages (:func:`apply`) still sees them. Tied weights appear once, under their first
+    name; ``functional_call`` routes them to every use.
+
+    The tensors are detached views that share storage with the module (no copy): they see
+    later in-place updates of the optimizer. :func:`init` copies them.
+
+    Args:
+        module: The model (not a DDP or ``torch.compile`` wrapper).
+        trainable_only: With ``False``, frozen parameters are put in ``params`` too.
+
+    Returns:
+        ``(params, buffers)``, two ``dict[str, Tensor]``.
+
+    Raises:
+        ValueError: For a DDP, DataParallel or ``torch.compile`` wrapper, or a lazy module
+            whose parameters are not initialised yet.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> params, buffers = fe.module_state(model)
+        >>> list(params)
+        ['0.weight', '0.bias', '1.weight', '1.bias']
+        >>> list(buffers)
+        ['1.running_mean', '1.running_var', '1.num_batches_tracked']
+    """
+    api = "module_state"
+    check_unwrapped(api, module)
+    params: Params = {}
+    buffers: Buffers = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if isinstance(tensor, UninitializedTensorMixin):
+            raise ValueError(
+                f"{api}: uninitialized lazy tensor at {name!r}: expected a materialised tensor, "
+                "got an UninitializedParameter. Run one forward pass on a real batch before "
+                "creating the EMA."
+            )
+    for name, param in module.named_parameters():
+        target = params if param.requires_grad or not trainable_only else buffers
+        target[name] = param.detach()
+    for name, buffer in module.named_buffers():
+        buffers[name] = buffer.detach()
+    return params, buffers
+
+
+def _check_keys(api: str, module: nn.Module, params: Params, buffers: Buffers) -> None:
+    for label, tree in (("params", params), ("buffers", buffers)):
+        if not isinstance(tree, dict) or not all(isinstance(t, Tensor) for t in tree.values()):
+            raise TypeError(
+                f"{api}: `{label}` must be a dict of tensors keyed by module names, got "
+                f"{type(tree).__name__}. Build it with functional_ema.module_state(model)."
+            )
+    both = set(params) & set(buffers)
+    if both:
+        raise ValueError(
+            f"{api}: names given twice at {short_list(both)}: expected each name in `params` or "
+            "`buffers`, got both. Remove the duplicates from one of them."
+        )
+    required = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+    given = set(params) | set(buffers)
+    missing, extra = required - given, given - known
+    if missing or extra:
+        hint = prefix_hint(missing, extra, "the module", "`params`/`buffers`")
+        raise ValueError(
+            f"{api}: names do not match {type(module).__name__}: missing "
+            f"{short_list(missing)}, unexpected {short_list(extra)}. Pass every parameter and "
+            f"buffer of the module (functional_ema.module_state gives both).{hint}"
+        )
+
+
+def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``module`` on ``params`` and ``buffers`` instead of its own tensors.
+
+    A checked ``torch.func.functional_call(module, (params, buffers), args, kwargs,
+    strict=True)``: every parameter and buffer must be given (no silent fallback to the
+    module's own tensors), tied weights are routed to every use, and the module itself is
+    untouched. Modules that write buffers in training mode (BatchNorm) write into the tensors
+    of ``buffers``: evaluate in ``eval()`` mode, as ``torch.func.functional_call`` documents.
+
+    Args:
+        module: The template module (its own tensors are not used).
+        params: Parameters keyed by module names, e.g. :func:`average` of an EMA state.
+        buffers: Buffers (and frozen parameters) keyed by module names.
+        *args: Positional arguments of ``module.forward``.
+        **kwargs: Keyword arguments of ``module.forward``.
+
+    Returns:
+        Whatever ``module.forward`` returns.
+
+    Raises:
+        ValueError: If names are missing, unexpected or given twice.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> model = torch.nn.Linear(2, 1)
+        >>> params, buffers = fe.module_state(model)
+        >>> zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+        >>> fe.apply(model, zeros, buffers, torch.ones(1, 2))
+        tensor([[0.]])
+    """
+    api = "apply"
+    check_unwrapped(api, module)
+    _check_keys(api, module, params, buffers)
+    return torch.func.functional_call(
+        module, (params, buffers), args, kwargs, tie_weights=True, strict=True
+    )

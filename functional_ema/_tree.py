@@ -1,0 +1,156 @@
+"""Pytree validation: structure, leaf types, shapes, devices and dtypes, with leaf paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+from optree import PyTreeSpec
+from torch import Tensor
+
+from functional_ema._errors import prefix_hint, short_list
+
+
+def is_inexact(tensor: Tensor) -> bool:
+    """Whether a leaf is averaged (floating or complex) rather than copied."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """Dotted paths of the leaves of ``tree``, in optree's leaf order.
+
+    Dict keys, sequence indices and namedtuple field names are joined with ``.``, so a dict
+    keyed by module names gives back those names (``'0.weight'``).
+    """
+    accessors, _, _ = optree.tree_flatten_with_accessor(tree)
+    paths = []
+    for accessor in accessors:
+        parts = []
+        for entry in accessor:
+            field = getattr(entry, "field", None)
+            parts.append(field if isinstance(field, str) else str(entry.entry))
+        paths.append(".".join(parts) or "<root>")
+    return paths
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} ({text})"
+
+
+def check_tensor_leaves(api: str, tree: Any, name: str) -> tuple[list[Tensor], PyTreeSpec]:
+    """Flatten ``tree`` and check every leaf is a tensor; return leaves and treespec."""
+    leaves, spec = optree.tree_flatten(tree)
+    for index, leaf in enumerate(leaves):
+        if not isinstance(leaf, Tensor):
+            path = leaf_paths(tree)[index]
+            raise TypeError(
+                f"{api}: non-tensor leaf at {path!r} of `{name}`: expected a torch.Tensor, got "
+                f"{_describe(leaf)}. Keep only tensors in the tree: convert the value with "
+                "torch.as_tensor(...) or move it out of the tree."
+            )
+    return leaves, spec
+
+
+def _structure_error(api: str, first: Any, second: Any, names: tuple[str, str]) -> ValueError:
+    first_paths, second_paths = set(leaf_paths(first)), set(leaf_paths(second))
+    missing, extra = first_paths - second_paths, second_paths - first_paths
+    if missing or extra:
+        detail = (
+            f"missing in `{names[1]}`: {short_list(missing)}, extra in `{names[1]}`: "
+            f"{short_list(extra)}"
+        )
+    else:
+        detail = (
+            f"expected {optree.tree_structure(first)}, got {optree.tree_structure(second)}"
+            " (same leaf paths, different container types)"
+        )
+    hint = prefix_hint(missing, extra, f"`{names[0]}`", f"`{names[1]}`")
+    return ValueError(
+        f"{api}: tree structure mismatch between `{names[0]}` and `{names[1]}`: {detail}. "
+        f"Pass `{names[1]}` with exactly the structure of `{names[0]}` (for a module, both from "
+        f"functional_ema.module_state of the same model).{hint}"
+    )
+
+
+def _leaf_problem(
+    shadow: Tensor, value: Tensor, names: tuple[str, str]
+) -> tuple[type[Exception], str, object, object, str] | None:
+    """Return ``(error type, what, expected, got, fix)`` when ``value`` cannot update ``shadow``."""
+    if value.shape != shadow.shape:
+        return (
+            ValueError,
+            "shape mismatch",
+            tuple(shadow.shape),
+            tuple(value.shape),
+            "Shapes must match exactly (no broadcasting): did the model change since the EMA "
+            "was created?",
+        )
+    if value.device != shadow.device:
+        return (
+            ValueError,
+            "device mismatch",
+            shadow.device,
+            value.device,
+            "The EMA never moves tensors implicitly: move one side explicitly, e.g. "
+            f"optree.tree_map(lambda t: t.to('{shadow.device}'), {names[1]}).",
+        )
+    if is_inexact(shadow):
+        if not is_inexact(value) or (value.is_complex() and not shadow.is_complex()):
+            return (
+                TypeError,
+                "dtype mismatch",
+                f"a floating dtype like {shadow.dtype}",
+                value.dtype,
+                "Floating leaves are averaged from floating values only: pass the tensor this "
+                "average tracks.",
+            )
+    elif value.dtype != shadow.dtype:
+        return (
+            TypeError,
+            "dtype mismatch",
+            shadow.dtype,
+            value.dtype,
+            "Non-floating leaves (e.g. num_batches_tracked) are copied, never converted: pass a "
+            "tensor of the same dtype.",
+        )
+    return None
+
+
+def check_pair(
+    api: str, shadow: Any, params: Any, names: tuple[str, str] = ("shadow", "params")
+) -> tuple[list[Tensor], list[Tensor], PyTreeSpec]:
+    """Check that ``params`` can update ``shadow`` leaf by leaf, before anything is mutated.
+
+    Returns:
+        The leaves of ``shadow``, the matching leaves of ``params`` and ``shadow``'s treespec.
+
+    Raises:
+        ValueError: different structure (listing missing and extra paths), shape or device.
+        TypeError: a non-tensor leaf, or a dtype that cannot be averaged or copied.
+    """
+    shadow_leaves, shadow_spec = check_tensor_leaves(api, shadow, names[0])
+    params_leaves, params_spec = check_tensor_leaves(api, params, names[1])
+    if shadow_spec != params_spec:
+        raise _structure_error(api, shadow, params, names)
+    for index, (s, p) in enumerate(zip(shadow_leaves, params_leaves, strict=True)):
+        problem = _leaf_problem(s, p, names)
+        if problem is not None:
+            error_type, what, expected, got, fix = problem
+            path = leaf_paths(shadow)[index]
+            raise error_type(
+                f"{api}: {what} at {path!r}: expected {expected} ({names[0]}), "
+                f"got {got} ({names[1]}). {fix}"
+            )
+    return shadow_leaves, params_leaves, shadow_spec
+
+
+def check_floating_dtype(api: str, dtype: torch.dtype | None) -> None:
+    """Check an optional shadow dtype is a floating dtype."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(
+            f"{api}: `dtype` must be a floating torch.dtype or None, got {dtype!r}. "
+            "Pass e.g. dtype=torch.float32 to keep a float32 average of a bfloat16 model."
+        )

@@ -1,0 +1,26 @@
+"""Type aliases shared by the public API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias, TypeVar
+
+from torch import Tensor
+
+
+TensorTree: TypeAlias = Any
+"""An optree pytree whose leaves are tensors (dict, list, tuple, namedtuple, nested)."""
+
+Params: TypeAlias = dict[str, Tensor]
+"""Trainable parameters keyed by the module's own dotted names."""
+
+Buffers: TypeAlias = dict[str, Tensor]
+"""Buffers (and frozen parameters) keyed by the module's own dotted names."""
+
+Decay: TypeAlias = float | Tensor
+"""A decay in [0, 1]: a Python number or a 0-dim floating tensor (no host sync)."""
+
+Schedule: TypeAlias = Callable[[Tensor], float | Tensor]
+"""A function of the update count (0-dim int64 tensor) returning the decay for that update."""
+
+T = TypeVar("T")
