@@ -75,7 +75,8 @@ def ema_update(shadow: T, params: T, decay: Decay) -> T:
             may be narrower than ``shadow``'s (a float32 average of a bfloat16 model); the
             update then runs in ``shadow``'s dtype. Not modified.
         decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor (read on
-            the device, no host sync); ``1.0`` freezes, ``0.0`` copies.
+            the device, no host sync). ``1.0`` freezes the average; ``0.0`` gives
+            ``shadow - (shadow - params)``, which is ``params`` up to one rounding, as in TF.
 
     Returns:
         A new tree like ``shadow``. It is differentiable with respect to ``params`` like any

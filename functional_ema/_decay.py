@@ -51,8 +51,8 @@ def check_decay(api: str, decay: object) -> Decay:
     value = float(decay)
     if not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"{api}: `decay` must be in [0, 1], got {value!r}. 1.0 freezes the average, 0.0 "
-            "copies the values; typical values are 0.99 to 0.9999."
+            f"{api}: `decay` must be in [0, 1], got {value!r}. 1.0 freezes the average and 0.0 "
+            "follows the values; typical values are 0.99 to 0.9999."
         )
     return value
 
