@@ -11,6 +11,13 @@ from functional_ema._core import ema_update_ as ema_update_
 from functional_ema._decay import tf_decay as tf_decay
 from functional_ema._module import apply as apply
 from functional_ema._module import module_state as module_state
+from functional_ema._schedules import constant as constant
+from functional_ema._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
+from functional_ema._schedules import half_life as half_life
+from functional_ema._schedules import power as power
+from functional_ema._schedules import sigma_rel_to_gamma as sigma_rel_to_gamma
+from functional_ema._schedules import tf_warmup as tf_warmup
+from functional_ema._schedules import warmup as warmup
 from functional_ema._state import EmaState as EmaState
 from functional_ema._state import average as average
 from functional_ema._state import init as init
@@ -28,11 +35,18 @@ __all__ = [
     "EmaState",
     "apply",
     "average",
+    "constant",
     "ema_update",
     "ema_update_",
+    "gamma_to_sigma_rel",
+    "half_life",
     "init",
     "module_state",
+    "power",
+    "sigma_rel_to_gamma",
     "tf_decay",
+    "tf_warmup",
     "update",
     "update_",
+    "warmup",
 ]

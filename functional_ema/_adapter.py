@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,17 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from functional_ema._decay import check_decay, tf_decay
+from functional_ema._decay import check_decay
 from functional_ema._errors import prefix_hint, short_list
 from functional_ema._module import apply, check_unwrapped, module_state
+from functional_ema._schedules import tf_warmup
 from functional_ema._state import BufferPolicy, EmaState, init, update_
 from functional_ema._tree import check_pair
 from functional_ema._types import Decay, Schedule
-
-
-def _tf_warmup(decay: Decay | Schedule, step: Tensor) -> Tensor:
-    value = decay(step) if callable(decay) and not isinstance(decay, Tensor) else decay
-    return tf_decay(value, step)
 
 
 def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -57,8 +52,8 @@ class EMA(nn.Module):
         decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule (a callable of
             the update count, a 0-dim int64 tensor).
         use_num_updates: Apply TF's ``num_updates`` warmup
-            :math:`\min(\beta, (1 + n) / (10 + n))` with :math:`n` the number of updates
-            applied so far (0 at the first update), computed by :func:`tf_decay`.
+            :math:`\min(\beta, (1 + n) / (10 + n))` with :math:`n` the step count including
+            this update (1 at the first update), i.e. the schedule :func:`tf_warmup`.
         dtype: Floating dtype of the averages, e.g. ``torch.float32`` for a bfloat16 model
             (a bfloat16 average stalls at high decay). ``None`` keeps the model's dtypes.
             Forward, :meth:`swap`, :meth:`copy_to` and :attr:`shadow` cast to the model's.
@@ -93,6 +88,11 @@ class EMA(nn.Module):
         check_unwrapped(api, model)
         if not callable(decay) or isinstance(decay, Tensor):
             decay = check_decay(api, decay)
+        elif use_num_updates:
+            raise TypeError(
+                f"{api}: `use_num_updates` at 'decay': expected a constant decay, got the schedule "
+                f"{decay!r}. Pass the schedule alone, or fe.tf_warmup(decay) as the schedule."
+            )
         if buffer_policy not in ("copy", "average"):
             raise ValueError(
                 f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
@@ -102,7 +102,7 @@ class EMA(nn.Module):
         # The live model is a template, not a submodule: not in state_dict, not moved by .to().
         object.__setattr__(self, "_model", model)
         self.decay: Decay | Schedule = (
-            functools.partial(_tf_warmup, decay) if use_num_updates else decay
+            tf_warmup(decay) if use_num_updates else decay  # type: ignore[arg-type]
         )
         self.buffer_policy: BufferPolicy = buffer_policy
         self._param_names = list(params)
@@ -125,8 +125,6 @@ class EMA(nn.Module):
             step=self.step,
             params={name: held[name] for name in self._param_names},
             buffers={name: held[name] for name in self._buffer_names},
-            biased=None,
-            local_step=None,
         )
 
     def train(self, mode: bool = True) -> EMA:
@@ -136,12 +134,16 @@ class EMA(nn.Module):
         return self
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, dt: int | Tensor = 1) -> None:
         """Update the averages from the live model (one call per optimizer step).
 
         Calls :func:`update_` on the adapter's state with the model's current
         :func:`module_state`; all checks run before anything is written. In eval mode it
         warns and does nothing, as the classic ``EMA`` snippet does.
+
+        Args:
+            dt: Steps since the last update (e.g. ``k`` when updating every ``k`` steps): the
+                decay is applied for ``dt`` steps (see :func:`update`).
 
         Raises:
             RuntimeError: Inside :meth:`swap` (the model holds the averages, not the weights).
@@ -161,7 +163,7 @@ class EMA(nn.Module):
             )
             return
         params, buffers = module_state(self._model)
-        update_(self.state(), params, self.decay, buffers, buffer_policy=self.buffer_policy)
+        update_(self.state(), params, self.decay, buffers, buffer_policy=self.buffer_policy, dt=dt)
 
     def _averages_for(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The averages keyed like ``module_state(module)``, cast to that module's dtypes."""

@@ -14,26 +14,31 @@ from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_
 from functional_ema._types import Decay, Schedule, TensorTree
 
 
-class EmaState(TypedDict):
-    """State of an exponential moving average: a plain ``dict`` pytree of tensors.
-
-    Being a plain dict, it round-trips through ``torch.save`` /
-    ``torch.load(weights_only=True)`` with nothing to allow-list, and optree, ``vmap`` and
-    ``torch.compile`` see ordinary containers.
-
-    Attributes:
-        step: Number of updates applied (0-dim int64, on the device of the first leaf).
-        params: The averages, TF's shadow variables; read them with :func:`average`.
-        buffers: Copies (or averages) of the buffers given to :func:`init`, else ``None``.
-        biased: ``zero_debias`` only: TF's zero-initialised ``biased`` accumulators.
-        local_step: ``zero_debias`` only: TF's per-leaf ``local_step``, in the leaf's dtype.
-    """
-
+class _EmaStateRequired(TypedDict):
     step: Tensor
     params: TensorTree
-    buffers: TensorTree | None
-    biased: TensorTree | None
-    local_step: TensorTree | None
+
+
+class EmaState(_EmaStateRequired, total=False):
+    """State of an exponential moving average: a plain ``dict`` pytree of tensors.
+
+    Being a plain dict with tensor leaves only (optional entries are absent, never ``None``),
+    it round-trips through ``torch.save`` / ``torch.load(weights_only=True)`` with nothing to
+    allow-list, and optree, ``torch.func.vmap`` and ``torch.compile`` see ordinary containers.
+
+    Attributes:
+        step: Steps covered so far: the sum of the ``dt`` of every update, i.e. the number of
+            updates when each covers one step (0-dim int64, on the first leaf's device).
+        params: The averages, TF's shadow variables; read them with :func:`average`.
+        buffers: Only when :func:`init` got buffers: their copies (or averages).
+        biased: Only with ``zero_debias``: TF's zero-initialised ``biased`` accumulators.
+        local_step: Only with ``zero_debias``: TF's per-leaf ``local_step``, in the leaf's
+            dtype.
+    """
+
+    buffers: TensorTree
+    biased: TensorTree
+    local_step: TensorTree
 
 
 BufferPolicy = Literal["copy", "average"]
@@ -47,6 +52,15 @@ def _copy_tree(tree: TensorTree, dtype: torch.dtype | None) -> TensorTree:
         return t.clone()
 
     return optree.tree_map(copy, tree)
+
+
+def _scalar_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0-dim zero on ``like``'s device, derived from ``like``.
+
+    Derived from a leaf (not ``torch.zeros(())``) so that ``torch.func.vmap(init)`` gives
+    every member its own counter instead of one expanded tensor that in-place updates reject.
+    """
+    return torch.zeros_like(like.detach().reshape(-1)[:1], dtype=dtype).sum(dtype=dtype)
 
 
 def init(
@@ -91,33 +105,34 @@ def init(
     if buffers is not None:
         check_tensor_leaves(api, buffers, "buffers")
     check_floating_dtype(api, dtype)
-    device = leaves[0].device if leaves else torch.device("cpu")
     shadow = _copy_tree(params, dtype)
     biased = local_step = None
     if zero_debias:
         shadow = optree.tree_map(lambda t: torch.zeros_like(t) if is_inexact(t) else t, shadow)
         biased = optree.tree_map(torch.clone, shadow)
         local_step = optree.tree_map(
-            lambda t: torch.zeros(
-                (), dtype=t.dtype if is_inexact(t) else torch.int64, device=t.device
-            ),
-            shadow,
+            lambda t: _scalar_zero(t, t.dtype if is_inexact(t) else torch.int64), shadow
         )
-    return EmaState(
-        step=torch.zeros((), dtype=torch.int64, device=device),
-        params=shadow,
-        buffers=None if buffers is None else _copy_tree(buffers, None),
-        biased=biased,
-        local_step=local_step,
-    )
+    step = _scalar_zero(leaves[0], torch.int64) if leaves else torch.zeros((), dtype=torch.int64)
+    state = EmaState(step=step, params=shadow)
+    if buffers is not None:
+        state["buffers"] = _copy_tree(buffers, None)
+    if biased is not None and local_step is not None:
+        state["biased"], state["local_step"] = biased, local_step
+    return state
+
+
+_KEYS = ("step", "params", "buffers", "biased", "local_step")
 
 
 def _check_state(api: str, state: Any) -> None:
-    if not isinstance(state, dict) or set(state) != set(EmaState.__annotations__):
+    keys = set(state) if isinstance(state, dict) else set()
+    if not isinstance(state, dict) or not {"step", "params"} <= keys or keys - set(_KEYS):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise TypeError(
-            f"{api}: `state` must be an EmaState: expected a dict with keys "
-            f"{sorted(EmaState.__annotations__)}, got {got}. Create it with functional_ema.init."
+            f"{api}: `state` must be an EmaState: expected a dict with keys 'step', 'params' "
+            f"and optionally 'buffers', 'biased', 'local_step', got {got}. Create it with "
+            "functional_ema.init."
         )
     step = state["step"]
     if not isinstance(step, Tensor) or step.ndim != 0 or step.dtype != torch.int64:
@@ -130,12 +145,12 @@ def _check_state(api: str, state: Any) -> None:
             f"{api}: step counter at 'step': expected a 0-dim int64 tensor, got {got}. "
             "Keep the state as functional_ema.init made it."
         )
-    if (state["biased"] is None) != (state["local_step"] is None):
+    if ("biased" in state) != ("local_step" in state):
         raise ValueError(
             f"{api}: zero_debias state at 'biased'/'local_step': expected both or neither, got "
             "only one. Keep the state as functional_ema.init made it."
         )
-    if state["biased"] is not None:
+    if "biased" in state:
         check_pair(api, state["params"], state["biased"], ("state['params']", "state['biased']"))
         steps, steps_spec = check_tensor_leaves(api, state["local_step"], "state['local_step']")
         if steps_spec != optree.tree_structure(state["params"]) or any(n.ndim for n in steps):
@@ -146,10 +161,43 @@ def _check_state(api: str, state: Any) -> None:
             )
 
 
-def _resolve_decay(api: str, decay: Decay | Schedule, step: Tensor) -> Decay:
+def check_interval(api: str, dt: object) -> int | Tensor:
+    """Validate the number of steps an update covers: an int >= 1 or a 0-dim int tensor."""
+    if isinstance(dt, Tensor):
+        if dt.ndim != 0 or dt.is_floating_point() or dt.is_complex() or dt.dtype == torch.bool:
+            raise TypeError(
+                f"{api}: `dt` must be an int or a 0-dim integer tensor, got a tensor of shape "
+                f"{tuple(dt.shape)} and dtype {dt.dtype}. Pass the steps since the last update."
+            )
+        return dt
+    if isinstance(dt, bool) or not isinstance(dt, int):
+        raise TypeError(
+            f"{api}: `dt` must be an int or a 0-dim integer tensor, got "
+            f"{type(dt).__name__} ({dt!r}). Pass the steps since the last update, e.g. dt=1."
+        )
+    if dt < 1:
+        raise ValueError(
+            f"{api}: `dt` must be >= 1, got {dt}. Pass the number of steps since the last "
+            "update (1 when you update every step)."
+        )
+    return dt
+
+
+def resolve_decay(api: str, decay: Decay | Schedule, step: Tensor, dt: int | Tensor) -> Decay:
+    """The decay of an update covering ``(step, step + dt]``.
+
+    A schedule is called as ``schedule(step + dt, dt)``; a constant decay is raised to the
+    power ``dt`` when ``dt != 1`` (so it keeps its per-step meaning), and passed through
+    untouched when ``dt == 1`` (TF's exact value).
+    """
     if callable(decay) and not isinstance(decay, Tensor):
-        return check_decay(f"{api} (schedule)", decay(step))
-    return check_decay(api, decay)
+        return check_decay(
+            f"{api} (schedule)", decay(step + dt, torch.as_tensor(dt, device=step.device))
+        )
+    decay = check_decay(api, decay)
+    if isinstance(dt, int) and dt == 1:
+        return decay
+    return torch.as_tensor(decay, dtype=torch.float64, device=step.device) ** dt
 
 
 def _update(
@@ -159,6 +207,7 @@ def _update(
     decay: Decay | Schedule,
     buffers: TensorTree | None,
     buffer_policy: BufferPolicy,
+    dt: int | Tensor,
     *,
     inplace: bool,
 ) -> EmaState:
@@ -168,37 +217,39 @@ def _update(
         raise ValueError(
             f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
         )
-    decay = _resolve_decay(api, decay, state["step"])
+    dt = check_interval(api, dt)
+    decay = resolve_decay(api, decay, state["step"], dt)
     shadow, values, spec = check_pair(api, state["params"], params, ("state['params']", "params"))
-    if (state["buffers"] is None) != (buffers is None):
+    if ("buffers" in state) != (buffers is not None):
         if buffers is None:
+            expected, got = "a tree (as given to init)", "None"
             fix = "pass the current buffers: update(state, params, decay, buffers)."
         else:
+            expected, got = "None (init got no buffers)", "a tree"
             fix = "pass the buffers to init too: init(params, buffers)."
         raise ValueError(
-            f"{api}: buffers at 'buffers': expected "
-            f"{'a tree' if state['buffers'] is not None else 'None'} (as given to init), got "
-            f"{'a tree' if buffers is not None else 'None'}. To keep buffers in the state, {fix}"
+            f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers in "
+            f"the state, {fix}"
         )
-    buffer_pairs: tuple[list[Tensor], list[Tensor], Any] | None = None
+    buffer_pairs = None
     if buffers is not None:
         buffer_pairs = check_pair(api, state["buffers"], buffers, ("state['buffers']", "buffers"))
     weights = WeightCache(decay)
 
-    if state["biased"] is None:
+    new = EmaState(step=state["step"].add_(dt) if inplace else state["step"] + dt, params=None)
+    if "biased" not in state:
         new_shadow = [
             average_leaf(s, v, weights(s.dtype), inplace=inplace)
             for s, v in zip(shadow, values, strict=True)
         ]
-        new_biased = new_local_step = None
     else:
         biased = optree.tree_leaves(state["biased"])
         local_step = optree.tree_leaves(state["local_step"])
-        new_shadow, new_biased_leaves, new_steps = [], [], []
+        new_shadow, new_biased, new_steps = [], [], []
         for s, b, n, v in zip(shadow, biased, local_step, values, strict=True):
             if not is_inexact(s):
                 new_shadow.append(copy_leaf(s, v, inplace=inplace))
-                new_biased_leaves.append(copy_leaf(b, v, inplace=inplace))
+                new_biased.append(copy_leaf(b, v, inplace=inplace))
                 new_steps.append(n)
                 continue
             # TF's _zero_debias: biased -= (biased - value) * c; local_step += 1;
@@ -208,32 +259,24 @@ def _update(
             n = n.add_(1) if inplace else n + 1
             debiased = b / (1 - torch.pow(1 - c, n))
             new_shadow.append(s.copy_(debiased) if inplace else debiased)
-            new_biased_leaves.append(b)
+            new_biased.append(b)
             new_steps.append(n)
-        new_biased = optree.tree_unflatten(spec, new_biased_leaves)
-        new_local_step = optree.tree_unflatten(spec, new_steps)
+        new["biased"] = optree.tree_unflatten(spec, new_biased)
+        new["local_step"] = optree.tree_unflatten(spec, new_steps)
+    new["params"] = optree.tree_unflatten(spec, new_shadow)
 
-    new_buffers = None
     if buffer_pairs is not None:
         held, current, buffer_spec = buffer_pairs
-        new_buffer_leaves = [
-            average_leaf(h, c, weights(h.dtype), inplace=inplace)
-            if buffer_policy == "average"
-            else copy_leaf(h, c, inplace=inplace)
-            for h, c in zip(held, current, strict=True)
-        ]
-        new_buffers = optree.tree_unflatten(buffer_spec, new_buffer_leaves)
-
-    if inplace:
-        state["step"].add_(1)
-        return state
-    return EmaState(
-        step=state["step"] + 1,
-        params=optree.tree_unflatten(spec, new_shadow),
-        buffers=new_buffers,
-        biased=new_biased,
-        local_step=new_local_step,
-    )
+        new["buffers"] = optree.tree_unflatten(
+            buffer_spec,
+            [
+                average_leaf(h, c, weights(h.dtype), inplace=inplace)
+                if buffer_policy == "average"
+                else copy_leaf(h, c, inplace=inplace)
+                for h, c in zip(held, current, strict=True)
+            ],
+        )
+    return state if inplace else new
 
 
 def update(
@@ -243,30 +286,35 @@ def update(
     buffers: TensorTree | None = None,
     *,
     buffer_policy: BufferPolicy = "copy",
+    dt: int | Tensor = 1,
 ) -> EmaState:
     r"""Apply one EMA update and return a new state; ``state`` is not modified.
 
-    Per floating leaf, with :math:`w = \mathrm{cast}(\mathrm{f32}(1) - \mathrm{f32}(\beta))`:
-    :math:`\bar\theta \leftarrow \bar\theta - (\bar\theta - \theta) w` (see
+    Per floating leaf, with :math:`w = \mathrm{cast}(\mathrm{f32}(1) - \mathrm{f32}(eta))`:
+    :math:`ar	heta \leftarrow ar	heta - (ar	heta - 	heta) w` (see
     :func:`ema_update`), or TF's zero-debiased form when the state was made with
-    ``zero_debias=True``. Integer leaves are copied; ``step`` is incremented.
+    ``zero_debias=True``. Integer leaves are copied; ``step`` advances by ``dt``.
 
     Args:
-        state: From :func:`init` or a previous :func:`update`.
+        state: From :func:`init` or a previous update.
         params: The current values, with the structure of ``state["params"]``.
-        decay: :math:`\beta`: a Python float, a 0-dim floating tensor, or a schedule (a
-            callable of ``state["step"]``, the number of updates applied so far, e.g.
-            ``lambda n: fe.tf_decay(0.999, n)`` for TF's ``num_updates`` warmup).
-        buffers: The current buffers, required when the state holds buffers.
-        buffer_policy: ``"copy"`` (default, as TF's users and the classic ``EMA`` snippet do:
-            the averaged model uses the latest buffers) or ``"average"`` (floating buffers
-            are averaged like parameters; integer buffers are always copied).
+        decay: :math:`\beta`: a Python float, a 0-dim floating tensor, or a schedule (e.g.
+            :func:`tf_warmup`, :func:`power`), called as ``schedule(t, dt)`` with
+            ``t = state["step"] + dt``, the step this update reaches.
+        buffers: The current buffers; required exactly when :func:`init` got buffers.
+        buffer_policy: ``"copy"`` (default: the averaged model uses the latest buffers, as
+            the classic ``EMA`` snippet does) or ``"average"`` (floating buffers are averaged
+            like parameters; integer buffers are always copied).
+        dt: Steps this update covers (an int >= 1 or a 0-dim integer tensor), for updates
+            every ``dt`` steps or after skipped steps: a constant decay is applied as
+            :math:`\beta^{dt}` and schedules get ``dt``, so the average's time constant does
+            not depend on how often you update. ``dt=1`` is TF's update, bit for bit.
 
     Returns:
-        The new :class:`EmaState`.
+        The new :class:`EmaState`, differentiable with respect to ``params``.
 
     Raises:
-        ValueError: Mismatched structure, shapes or devices, or ``decay`` out of range.
+        ValueError: Mismatched structure, shapes or devices, or ``decay``/``dt`` out of range.
         TypeError: Non-tensor leaves, wrong dtypes or a malformed state.
 
     Example:
@@ -276,7 +324,7 @@ def update(
         >>> fe.average(state)["w"], int(state["step"])
         (tensor([0.1000, 0.1000]), 1)
     """
-    return _update("update", state, params, decay, buffers, buffer_policy, inplace=False)
+    return _update("update", state, params, decay, buffers, buffer_policy, dt, inplace=False)
 
 
 @torch.no_grad()
@@ -287,6 +335,7 @@ def update_(
     buffers: TensorTree | None = None,
     *,
     buffer_policy: BufferPolicy = "copy",
+    dt: int | Tensor = 1,
 ) -> EmaState:
     """In-place twin of :func:`update`: write the new values into ``state``'s tensors.
 
@@ -295,9 +344,10 @@ def update_(
     Args:
         state: Modified in place.
         params: The current values, with the structure of ``state["params"]``.
-        decay: A Python float, a 0-dim floating tensor, or a schedule of ``state["step"]``.
-        buffers: The current buffers, required when the state holds buffers.
+        decay: A float, a 0-dim floating tensor or a schedule, as in :func:`update`.
+        buffers: The current buffers; required exactly when :func:`init` got buffers.
         buffer_policy: ``"copy"`` or ``"average"``, as in :func:`update`.
+        dt: Steps this update covers, as in :func:`update`.
 
     Returns:
         ``state`` itself.
@@ -309,7 +359,7 @@ def update_(
         >>> fe.average(state)["w"]
         tensor([0.1000, 0.1000])
     """
-    return _update("update_", state, params, decay, buffers, buffer_policy, inplace=True)
+    return _update("update_", state, params, decay, buffers, buffer_policy, dt, inplace=True)
 
 
 def average(state: EmaState) -> TensorTree:

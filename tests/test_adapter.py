@@ -39,9 +39,9 @@ def test_adapter_equals_functional_loop_bit_for_bit() -> None:
     def functional_update() -> None:
         nonlocal state, shadow
         p, b = fe.module_state(model_b)
-        decay = fe.tf_decay(0.9, state["step"])
+        decay = fe.tf_decay(0.9, state["step"] + 1)  # TF's num_updates counts this update
         shadow = fe.ema_update(shadow, p, decay)
-        state = fe.update(state, p, lambda n: fe.tf_decay(0.9, n), b)
+        state = fe.update(state, p, fe.tf_warmup(0.9), b)
 
     train_steps(model_a, 7, ema.update)
     train_steps(model_b, 7, functional_update)
@@ -162,7 +162,7 @@ def test_buffer_policy_average() -> None:
 
 def test_decay_schedule_and_tensor_decay() -> None:
     model = make_model()
-    ema = fe.EMA(model, lambda n: torch.tensor(0.5))
+    ema = fe.EMA(model, lambda t, dt: torch.tensor(0.5))
     ema2 = fe.EMA(make_model(), torch.tensor(0.5))
     train_steps(model, 2, ema.update)
     assert ema.step.item() == 2

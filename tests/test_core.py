@@ -184,10 +184,13 @@ def test_tensor_decay_has_no_host_sync() -> None:
     }
     params = optree.tree_map(torch.empty_like, shadow)
     decay = torch.empty((), device=device)
+    warm, profile = fe.tf_warmup(decay), fe.power(sigma_rel=0.1)  # built once, on the host
     with _NoHostSync():
         fe.ema_update(shadow, params, decay)
         fe.ema_update_(shadow, params, decay)
         state = fe.init(shadow)
-        state = fe.update(state, params, lambda n: fe.tf_decay(decay, n))
+        state = fe.update(state, params, warm)
+        dt = torch.empty((), dtype=torch.int64, device=device)
+        state = fe.update(state, params, profile, dt=dt)
         fe.update_(state, params, decay)
         fe.tf_decay(decay, torch.empty((), dtype=torch.int64, device=device))

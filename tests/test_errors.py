@@ -189,7 +189,7 @@ def test_schedule_returning_bad_decay() -> None:
     with pytest.raises(
         ValueError, match=r"^update_ \(schedule\): `decay` must be in \[0, 1\], got 2.0"
     ):
-        fe.update_(state, _values(), lambda n: 2.0)
+        fe.update_(state, _values(), lambda t, dt: 2.0)
     assert_bits_equal(state, before)
 
 

@@ -32,7 +32,7 @@ def test_init_copies_and_detaches() -> None:
     assert not state["params"]["w"].requires_grad
     assert torch.equal(state["params"]["w"], params["w"].detach())
     assert state["step"].dtype == torch.int64 and state["step"].item() == 0
-    assert state["buffers"] is None and state["biased"] is None
+    assert set(state) == {"step", "params"}
 
 
 def test_update_is_pure_and_counts() -> None:
@@ -57,25 +57,26 @@ def test_update_inplace_twin_bit_equal() -> None:
     assert fe.average(pure)["w"].dtype == torch.float32
 
 
-def test_schedule_sees_update_count() -> None:
-    seen: list[int] = []
+def test_schedule_sees_step_reached_and_interval() -> None:
+    seen: list[tuple[int, int]] = []
 
-    def schedule(step: torch.Tensor) -> float:
-        seen.append(int(step))
+    def schedule(t: torch.Tensor, dt: torch.Tensor) -> float:
+        seen.append((int(t), int(dt)))
         return 0.5
 
     state = fe.init({"w": torch.zeros(1)})
-    for _ in range(3):
-        state = fe.update(state, {"w": torch.ones(1)}, schedule)
-    assert seen == [0, 1, 2]
+    for dt in (1, 1, 3, 10):
+        state = fe.update(state, {"w": torch.ones(1)}, schedule, dt=dt)
+    assert seen == [(1, 1), (2, 1), (5, 3), (15, 10)]
+    assert state["step"].item() == 15
 
 
 def test_tf_warmup_schedule_matches_tf_decay() -> None:
     walk = _walk(5)
     state = fe.init(walk[0])
     shadow = walk[0]
-    for n, values in enumerate(walk):
-        state = fe.update(state, values, lambda step: fe.tf_decay(0.999, step))
+    for n, values in enumerate(walk, start=1):
+        state = fe.update(state, values, fe.tf_warmup(0.999))
         shadow = fe.ema_update(shadow, values, fe.tf_decay(0.999, n))
     assert_bits_equal(fe.average(state), shadow)
 

@@ -1,0 +1,299 @@
+r"""Decay schedules: pure functions of the step, tensors in and out, interval-correct.
+
+A schedule is called by :func:`update` as ``schedule(t, dt)`` for an update that covers the
+steps ``(t - dt, t]``: ``t`` is the step the update reaches (``state["step"] + dt``, so 1 at
+the first update when every step is an update) and ``dt`` the number of steps it covers. Both
+are 0-dim integer tensors on the state's device, and the result is a 0-dim tensor on that
+device: no host sync, no recompiles under ``torch.compile``. The decay returned is the one for
+all ``dt`` steps together, so the average's time constant does not depend on how often it is
+updated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from functional_ema._decay import check_decay, tf_decay
+from functional_ema._types import Decay
+
+
+def _check_positive(api: str, name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"{api}: `{name}` must be a positive number, got {value!r}. Pass e.g. {name}=1.0."
+        )
+    return float(value)
+
+
+def _as_float64(value: Decay, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=torch.float64)
+    return torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
+def constant(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""A constant per-step decay :math:`\beta`, applied as :math:`\beta^{dt}`.
+
+    .. math:: \beta_{t, dt} = \beta^{dt}
+
+    For ``dt == 1`` the value is :math:`\beta` itself, so updates every step are TF's.
+
+    Args:
+        decay: :math:`\beta \in [0, 1]`.
+
+    Returns:
+        A schedule ``(t, dt) -> decay``.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> schedule = fe.constant(0.99)
+        >>> round(float(schedule(torch.tensor(10), torch.tensor(10))), 6)  # 0.99 ** 10
+        0.904382
+    """
+    decay = check_decay("constant", decay)
+
+    def schedule(t: Tensor, dt: Tensor) -> Tensor:
+        return _as_float64(decay, t) ** dt
+
+    return schedule
+
+
+def tf_warmup(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""TensorFlow's ``num_updates`` warmup with ``num_updates = t``, in float32 as TF.
+
+    .. math:: \beta_{t, dt} = \min\left(\beta, \frac{1 + t}{10 + t}\right)^{dt}
+
+    With one update per step, ``t`` is the number of updates including this one, as in
+    ``tf.train.ExponentialMovingAverage(decay, num_updates=global_step)`` applied after the
+    optimizer step, ``torch_ema`` and diffusers. Values for ``decay = 0.999``:
+
+    ====  ======  ======  ======  =======  ==========
+    t     1       2       10      100      10000
+    ====  ======  ======  ======  =======  ==========
+    beta  0.1818  0.25    0.55    0.9182   0.999
+    ====  ======  ======  ======  =======  ==========
+
+    Args:
+        decay: The maximum decay :math:`\beta \in [0, 1]`.
+
+    Returns:
+        A schedule ``(t, dt) -> decay`` (TF's float32 value from :func:`tf_decay`, raised to
+        ``dt`` in float64).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> round(float(fe.tf_warmup(0.999)(torch.tensor(1), torch.tensor(1))), 4)
+        0.1818
+    """
+    decay = check_decay("tf_warmup", decay)
+
+    def schedule(t: Tensor, dt: Tensor) -> Tensor:
+        # x ** 1 is exact, so dt == 1 keeps TF's float32 value bit for bit.
+        return tf_decay(decay, t).to(torch.float64) ** dt
+
+    return schedule
+
+
+def warmup(
+    decay: float = 0.9999, *, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0
+) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""The inverse-gamma / power warmup of timm ``ModelEmaV3``, diffusers and ema-pytorch.
+
+    .. math::
+        \beta(s) = \mathrm{clamp}\big(1 - (1 + s / \gamma)^{-p},\ \beta_{\min},\ \beta\big),
+        \qquad s = t - 1, \qquad \beta_{t, dt} = \beta(s)^{dt}
+
+    ``s`` counts the steps before this one, so the first update (``t = 1``) has decay 0 and
+    copies, as in timm and diffusers. For updates every ``dt`` steps the decay at ``s`` is
+    applied for the whole interval (the warmup changes slowly, so this is the interval's
+    product up to a relative error of order ``dt / s``). Values for the defaults
+    (``gamma = 1``, ``p = 2/3``, ``decay = 0.9999``):
+
+    ====  ===  ======  ======  ======  ======  =======
+    t     1    2       11      101     1001    1000001
+    ====  ===  ======  ======  ======  ======  =======
+    beta  0    0.3700  0.7978  0.9539  0.9900  0.9999
+    ====  ===  ======  ======  ======  ======  =======
+
+    Args:
+        decay: The maximum decay.
+        inv_gamma: :math:`\gamma > 0`, the time scale of the warmup.
+        power: :math:`p > 0`; 2/3 reaches 0.999 at about 31.6K steps, 3/4 at about 10K.
+        min_decay: The minimum decay :math:`\beta_{\min}`.
+
+    Returns:
+        A schedule ``(t, dt) -> decay`` (float64).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> round(float(fe.warmup()(torch.tensor(11), torch.tensor(1))), 4)
+        0.7978
+    """
+    api = "warmup"
+    decay = float(check_decay(api, decay))  # type: ignore[arg-type]
+    min_decay = float(check_decay(api, min_decay))  # type: ignore[arg-type]
+    if min_decay > decay:
+        raise ValueError(
+            f"{api}: `min_decay` at 'min_decay': expected at most decay={decay}, got "
+            f"{min_decay}. Lower min_decay or raise decay."
+        )
+    inv_gamma = _check_positive(api, "inv_gamma", inv_gamma)
+    power = _check_positive(api, "power", power)
+
+    def schedule(t: Tensor, dt: Tensor) -> Tensor:
+        s = (t - 1).to(torch.float64).clamp(min=0)
+        value = (1 - (1 + s / inv_gamma) ** -power).clamp(min_decay, decay)
+        return value**dt
+
+    return schedule
+
+
+def half_life(steps: float) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""A constant decay given by its half-life in steps.
+
+    .. math:: \beta_{t, dt} = 2^{-dt / h}
+
+    After :math:`h` steps the weight of older values has halved, whatever the update interval.
+    Values per step (``dt = 1``): ``h = 10`` gives 0.933033, ``h = 693.1`` gives 0.999,
+    ``h = 6931.1`` gives 0.9999.
+
+    Args:
+        steps: The half-life :math:`h > 0`, in steps.
+
+    Returns:
+        A schedule ``(t, dt) -> decay`` (float64).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> float(fe.half_life(100)(torch.tensor(100), torch.tensor(100)))
+        0.5
+    """
+    steps = _check_positive("half_life", "steps", steps)
+
+    def schedule(t: Tensor, dt: Tensor) -> Tensor:
+        del t  # a half-life does not depend on the time
+        return 0.5 ** (dt.to(torch.float64) / steps)
+
+    return schedule
+
+
+def power(
+    gamma: float | None = None, *, sigma_rel: float | None = None
+) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""EDM2's power-function EMA profile (Karras et al. 2024, arXiv 2312.02696, Eq. 127).
+
+    .. math:: \beta_{t, dt} = \left(1 - \frac{dt}{t}\right)^{\gamma + 1}
+
+    The average at step :math:`t` then weights step :math:`\tau` by
+    :math:`(\gamma + 1)\tau^\gamma / t^{\gamma + 1}`, for any update interval: the product of
+    the per-step decays over an interval telescopes to this closed form, so skipping or
+    batching updates does not change the profile. The first update (``t == dt``) has decay 0
+    and copies. On a ramp :math:`w_\tau = \tau` the average is
+    :math:`\frac{\gamma + 1}{\gamma + 2}\, t` (tested for intervals 1, 10 and 100). Values
+    for ``gamma = 6.94`` (``sigma_rel = 0.1``), ``dt = 1``:
+
+    ====  ===  ======  ======  ======  =======
+    t     1    2       10      100     10000
+    ====  ===  ======  ======  ======  =======
+    beta  0    0.0041  0.4333  0.9233  0.99921
+    ====  ===  ======  ======  ======  =======
+
+    Args:
+        gamma: The exponent :math:`\gamma > 0` (give exactly one of ``gamma`` and
+            ``sigma_rel``).
+        sigma_rel: The relative standard deviation of the profile, EDM2's length parameter,
+            converted with :func:`sigma_rel_to_gamma`.
+
+    Returns:
+        A schedule ``(t, dt) -> decay`` (float64).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> round(float(fe.power(sigma_rel=0.1)(torch.tensor(10), torch.tensor(1))), 4)
+        0.4333
+    """
+    api = "power"
+    if (gamma is None) == (sigma_rel is None):
+        raise ValueError(
+            f"{api}: expected exactly one of `gamma` and `sigma_rel`, got gamma={gamma!r}, "
+            f"sigma_rel={sigma_rel!r}. Pass e.g. power(sigma_rel=0.1)."
+        )
+    if gamma is None:
+        gamma = sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
+    gamma = _check_positive(api, "gamma", gamma)
+
+    def schedule(t: Tensor, dt: Tensor) -> Tensor:
+        t64 = t.to(torch.float64)
+        ratio = (1 - dt.to(torch.float64) / t64).clamp(min=0)
+        return ratio ** (gamma + 1)
+
+    return schedule
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    r"""The relative standard deviation of a power-function profile (EDM2 Eq. 123).
+
+    .. math:: \sigma_{\mathrm{rel}} = \sqrt{\frac{\gamma + 1}{(\gamma + 2)^2 (\gamma + 3)}}
+
+    Args:
+        gamma: The exponent :math:`\gamma > 0`.
+
+    Returns:
+        :math:`\sigma_{\mathrm{rel}}`, in :math:`(0, \sqrt{1/12})`.
+
+    Example:
+        >>> import functional_ema as fe
+        >>> round(fe.gamma_to_sigma_rel(6.94), 4)
+        0.1
+    """
+    gamma = _check_positive("gamma_to_sigma_rel", "gamma", gamma)
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    r"""The exponent of the power-function profile with a given :math:`\sigma_{\mathrm{rel}}`.
+
+    The largest real root of
+    :math:`\gamma^3 + 7\gamma^2 + (16 - \sigma^{-2})\gamma + (12 - \sigma^{-2})` (EDM2 Eq. 126,
+    Algorithm 2), the inverse of :func:`gamma_to_sigma_rel`.
+
+    Args:
+        sigma_rel: In :math:`(0, \sqrt{1/12} \approx 0.2887)`; EDM2 uses 0.05 to 0.2.
+
+    Returns:
+        :math:`\gamma > 0`.
+
+    Raises:
+        ValueError: If ``sigma_rel`` is outside the valid range.
+
+    Example:
+        >>> import functional_ema as fe
+        >>> round(fe.sigma_rel_to_gamma(0.1), 4), round(fe.sigma_rel_to_gamma(0.05), 4)
+        (6.9372, 16.9722)
+    """
+    api = "sigma_rel_to_gamma"
+    limit = math.sqrt(1 / 12)
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, int | float):
+        raise TypeError(f"{api}: `sigma_rel` must be a float, got {type(sigma_rel).__name__}.")
+    if not 0 < sigma_rel < limit:
+        raise ValueError(
+            f"{api}: `sigma_rel` must be in (0, {limit:.4f}), got {sigma_rel!r}: "
+            "gamma -> 0 gives sigma_rel -> sqrt(1/12). Pass e.g. sigma_rel=0.1."
+        )
+    c = 1.0 / sigma_rel**2
+    coefficients = (7.0, 16.0 - c, 12.0 - c)  # monic cubic g^3 + a g^2 + b g + d
+    companion = torch.tensor(
+        [[-coefficients[0], -coefficients[1], -coefficients[2]], [1.0, 0, 0], [0, 1.0, 0]],
+        dtype=torch.float64,
+    )
+    roots = torch.linalg.eigvals(companion)
+    gamma = max(r.real.item() for r in roots if abs(r.imag.item()) < 1e-9)
+    # One Newton step polishes the eigenvalue to full float64 accuracy.
+    a, b, d = coefficients
+    value = ((gamma + a) * gamma + b) * gamma + d
+    slope = (3 * gamma + 2 * a) * gamma + b
+    return gamma - value / slope
