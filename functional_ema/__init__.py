@@ -6,6 +6,9 @@ A functional core over ``torch.func`` and optree pytrees, and a thin ``nn.Module
 from importlib.metadata import PackageNotFoundError, version
 
 from functional_ema._adapter import EMA as EMA
+from functional_ema._bank import bank as bank
+from functional_ema._bank import ema_update_bank as ema_update_bank
+from functional_ema._bank import ema_update_bank_ as ema_update_bank_
 from functional_ema._core import ema_update as ema_update
 from functional_ema._core import ema_update_ as ema_update_
 from functional_ema._decay import tf_decay as tf_decay
@@ -35,9 +38,12 @@ __all__ = [
     "EmaState",
     "apply",
     "average",
+    "bank",
     "constant",
     "ema_update",
     "ema_update_",
+    "ema_update_bank",
+    "ema_update_bank_",
     "gamma_to_sigma_rel",
     "half_life",
     "init",

@@ -121,11 +121,11 @@ class EMA(nn.Module):
     def state(self) -> EmaState:
         """The adapter's :class:`EmaState`: its own tensors (no copy), keyed by model names."""
         held = dict(self.averages.named_buffers())
-        return EmaState(
-            step=self.step,
-            params={name: held[name] for name in self._param_names},
-            buffers={name: held[name] for name in self._buffer_names},
-        )
+        return {
+            "step": self.step,
+            "params": {name: held[name] for name in self._param_names},
+            "buffers": {name: held[name] for name in self._buffer_names},
+        }
 
     def train(self, mode: bool = True) -> EMA:
         """Set the adapter's and the live model's mode (eval: ``forward`` uses the averages)."""

@@ -12,8 +12,13 @@ from functional_ema._types import Decay, T
 
 
 def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
-    """Copy ``value`` into ``shadow`` (in place) or return a copy of it."""
-    return shadow.copy_(value) if inplace else value.clone()
+    """Copy ``value`` into ``shadow`` (in place) or return a copy of it shaped like ``shadow``.
+
+    ``value`` broadcasts to ``shadow`` (a bank holds one row per decay).
+    """
+    if inplace:
+        return shadow.copy_(value)
+    return value.clone() if value.shape == shadow.shape else value.expand(shadow.shape).clone()
 
 
 def average_leaf(shadow: Tensor, value: Tensor, weight: float | Tensor, *, inplace: bool) -> Tensor:

@@ -12,7 +12,7 @@ updated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -29,13 +29,35 @@ def _check_positive(api: str, name: str, value: float) -> float:
     return float(value)
 
 
-def _as_float64(value: Decay, like: Tensor) -> Tensor:
+def _check_unit(api: str, name: str, value: float) -> float:
+    return float(check_decay(f"{api} ({name})", value))  # type: ignore[arg-type]
+
+
+def _values(
+    api: str,
+    name: str,
+    value: float | Tensor | Sequence[float] | None,
+    check: Callable[[str, str, float], float],
+) -> float | Tensor | tuple[float, ...]:
+    """Validate a schedule parameter: a number, a 0-dim tensor, or a sequence (a bank)."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0:
+            return value if name == "decay" else check(api, name, value.item())
+        return tuple(check(api, name, float(v)) for v in value.tolist())
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise ValueError(f"{api}: `{name}` must not be empty; pass one value per bank row.")
+        return tuple(check(api, name, v) for v in value)
+    return check(api, name, value)  # type: ignore[arg-type]
+
+
+def _as_float64(value: float | Tensor | tuple[float, ...], like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.to(device=like.device, dtype=torch.float64)
     return torch.tensor(value, dtype=torch.float64, device=like.device)
 
 
-def constant(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
+def constant(decay: Decay | Sequence[float]) -> Callable[[Tensor, Tensor], Tensor]:
     r"""A constant per-step decay :math:`\beta`, applied as :math:`\beta^{dt}`.
 
     .. math:: \beta_{t, dt} = \beta^{dt}
@@ -43,7 +65,8 @@ def constant(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
     For ``dt == 1`` the value is :math:`\beta` itself, so updates every step are TF's.
 
     Args:
-        decay: :math:`\beta \in [0, 1]`.
+        decay: :math:`\beta \in [0, 1]`, or a sequence of decays for a bank
+            (:func:`ema_update_bank`): the schedule then returns one decay per row.
 
     Returns:
         A schedule ``(t, dt) -> decay``.
@@ -54,10 +77,10 @@ def constant(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
         >>> round(float(schedule(torch.tensor(10), torch.tensor(10))), 6)  # 0.99 ** 10
         0.904382
     """
-    decay = check_decay("constant", decay)
+    values = _values("constant", "decay", decay, _check_unit)
 
     def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        return _as_float64(decay, t) ** dt
+        return _as_float64(values, t) ** dt
 
     return schedule
 
@@ -152,7 +175,7 @@ def warmup(
     return schedule
 
 
-def half_life(steps: float) -> Callable[[Tensor, Tensor], Tensor]:
+def half_life(steps: float | Sequence[float]) -> Callable[[Tensor, Tensor], Tensor]:
     r"""A constant decay given by its half-life in steps.
 
     .. math:: \beta_{t, dt} = 2^{-dt / h}
@@ -162,7 +185,7 @@ def half_life(steps: float) -> Callable[[Tensor, Tensor], Tensor]:
     ``h = 6931.1`` gives 0.9999.
 
     Args:
-        steps: The half-life :math:`h > 0`, in steps.
+        steps: The half-life :math:`h > 0`, in steps (or a sequence, for a bank).
 
     Returns:
         A schedule ``(t, dt) -> decay`` (float64).
@@ -172,17 +195,18 @@ def half_life(steps: float) -> Callable[[Tensor, Tensor], Tensor]:
         >>> float(fe.half_life(100)(torch.tensor(100), torch.tensor(100)))
         0.5
     """
-    steps = _check_positive("half_life", "steps", steps)
+    values = _values("half_life", "steps", steps, _check_positive)
 
     def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        del t  # a half-life does not depend on the time
-        return 0.5 ** (dt.to(torch.float64) / steps)
+        return 0.5 ** (dt.to(torch.float64) / _as_float64(values, t))
 
     return schedule
 
 
 def power(
-    gamma: float | None = None, *, sigma_rel: float | None = None
+    gamma: float | Sequence[float] | None = None,
+    *,
+    sigma_rel: float | Sequence[float] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""EDM2's power-function EMA profile (Karras et al. 2024, arXiv 2312.02696, Eq. 127).
 
@@ -204,9 +228,10 @@ def power(
 
     Args:
         gamma: The exponent :math:`\gamma > 0` (give exactly one of ``gamma`` and
-            ``sigma_rel``).
+            ``sigma_rel``), or a sequence of exponents for a bank (one decay per row, e.g.
+            EDM2's two tracked profiles).
         sigma_rel: The relative standard deviation of the profile, EDM2's length parameter,
-            converted with :func:`sigma_rel_to_gamma`.
+            converted with :func:`sigma_rel_to_gamma` (or a sequence, for a bank).
 
     Returns:
         A schedule ``(t, dt) -> decay`` (float64).
@@ -223,13 +248,13 @@ def power(
             f"sigma_rel={sigma_rel!r}. Pass e.g. power(sigma_rel=0.1)."
         )
     if gamma is None:
-        gamma = sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
-    gamma = _check_positive(api, "gamma", gamma)
+        gammas = _values(api, "sigma_rel", sigma_rel, lambda a, n, v: sigma_rel_to_gamma(v))
+    else:
+        gammas = _values(api, "gamma", gamma, _check_positive)
 
     def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        t64 = t.to(torch.float64)
-        ratio = (1 - dt.to(torch.float64) / t64).clamp(min=0)
-        return ratio ** (gamma + 1)
+        ratio = (1 - dt.to(torch.float64) / t.to(torch.float64)).clamp(min=0)
+        return ratio ** (_as_float64(gammas, t) + 1)
 
     return schedule
 

@@ -114,7 +114,7 @@ def init(
             lambda t: _scalar_zero(t, t.dtype if is_inexact(t) else torch.int64), shadow
         )
     step = _scalar_zero(leaves[0], torch.int64) if leaves else torch.zeros((), dtype=torch.int64)
-    state = EmaState(step=step, params=shadow)
+    state: EmaState = {"step": step, "params": shadow}  # a dict literal: dynamo-friendly
     if buffers is not None:
         state["buffers"] = _copy_tree(buffers, None)
     if biased is not None and local_step is not None:
@@ -236,7 +236,10 @@ def _update(
         buffer_pairs = check_pair(api, state["buffers"], buffers, ("state['buffers']", "buffers"))
     weights = WeightCache(decay)
 
-    new = EmaState(step=state["step"].add_(dt) if inplace else state["step"] + dt, params=None)
+    new: EmaState = {
+        "step": state["step"].add_(dt) if inplace else state["step"] + dt,
+        "params": None,
+    }
     if "biased" not in state:
         new_shadow = [
             average_leaf(s, v, weights(s.dtype), inplace=inplace)

@@ -76,14 +76,26 @@ def _structure_error(api: str, first: Any, second: Any, names: tuple[str, str]) 
 
 
 def _leaf_problem(
-    shadow: Tensor, value: Tensor, names: tuple[str, str]
+    shadow: Tensor, value: Tensor, names: tuple[str, str], bank: int | None
 ) -> tuple[type[Exception], str, object, object, str] | None:
-    """Return ``(error type, what, expected, got, fix)`` when ``value`` cannot update ``shadow``."""
-    if value.shape != shadow.shape:
+    """Return ``(error type, what, expected, got, fix)`` when ``value`` cannot update ``shadow``.
+
+    With ``bank=K``, ``shadow`` holds K averages stacked on a leading dimension.
+    """
+    if bank is not None and (shadow.ndim == 0 or shadow.shape[0] != bank):
+        return (
+            ValueError,
+            "bank size mismatch",
+            f"a leading dimension of {bank} (one row per decay)",
+            f"shape {tuple(shadow.shape)}",
+            "Create the bank with functional_ema.bank(params, len(decays)).",
+        )
+    shadow_shape = shadow.shape if bank is None else shadow.shape[1:]
+    if value.shape != shadow_shape:
         return (
             ValueError,
             "shape mismatch",
-            tuple(shadow.shape),
+            tuple(shadow_shape),
             tuple(value.shape),
             "Shapes must match exactly (no broadcasting): did the model change since the EMA "
             "was created?",
@@ -120,9 +132,16 @@ def _leaf_problem(
 
 
 def check_pair(
-    api: str, shadow: Any, params: Any, names: tuple[str, str] = ("shadow", "params")
+    api: str,
+    shadow: Any,
+    params: Any,
+    names: tuple[str, str] = ("shadow", "params"),
+    *,
+    bank: int | None = None,
 ) -> tuple[list[Tensor], list[Tensor], PyTreeSpec]:
     """Check that ``params`` can update ``shadow`` leaf by leaf, before anything is mutated.
+
+    With ``bank=K`` every leaf of ``shadow`` is K averages stacked on a leading dimension.
 
     Returns:
         The leaves of ``shadow``, the matching leaves of ``params`` and ``shadow``'s treespec.
@@ -136,7 +155,7 @@ def check_pair(
     if shadow_spec != params_spec:
         raise _structure_error(api, shadow, params, names)
     for index, (s, p) in enumerate(zip(shadow_leaves, params_leaves, strict=True)):
-        problem = _leaf_problem(s, p, names)
+        problem = _leaf_problem(s, p, names, bank)
         if problem is not None:
             error_type, what, expected, got, fix = problem
             path = leaf_paths(shadow)[index]
