@@ -13,6 +13,7 @@ from functional_ema._core import ema_update as ema_update
 from functional_ema._core import ema_update_ as ema_update_
 from functional_ema._decay import tf_decay as tf_decay
 from functional_ema._module import apply as apply
+from functional_ema._module import flatten_parameters_ as flatten_parameters_
 from functional_ema._module import module_state as module_state
 from functional_ema._schedules import constant as constant
 from functional_ema._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
@@ -44,6 +45,7 @@ __all__ = [
     "ema_update_",
     "ema_update_bank",
     "ema_update_bank_",
+    "flatten_parameters_",
     "gamma_to_sigma_rel",
     "half_life",
     "init",

@@ -12,12 +12,34 @@ import torch
 from torch import Tensor, nn
 
 from functional_ema._decay import check_decay
+from functional_ema._engine import pack
 from functional_ema._errors import prefix_hint, short_list
 from functional_ema._module import apply, check_unwrapped, module_state
 from functional_ema._schedules import tf_warmup
-from functional_ema._state import BufferPolicy, EmaState, init, update_
+from functional_ema._state import BufferPolicy, EmaState, Prepared, init, prepare
 from functional_ema._tree import check_pair
 from functional_ema._types import Decay, Schedule
+
+
+_registrations = [0]
+"""Counts parameter, buffer and module registrations in any module of the process."""
+
+
+def _count_registration(*args: Any) -> None:
+    del args
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Install the global registration hooks once (they only increment a counter)."""
+    if getattr(_watch_registrations, "installed", False):
+        return
+    from torch.nn.modules import module as module_hooks
+
+    module_hooks.register_module_parameter_registration_hook(_count_registration)
+    module_hooks.register_module_buffer_registration_hook(_count_registration)
+    module_hooks.register_module_module_registration_hook(_count_registration)
+    _watch_registrations.installed = True  # type: ignore[attr-defined]
 
 
 def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -108,6 +130,8 @@ class EMA(nn.Module):
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._swapped = False
+        self._prepared: tuple[int, list[Tensor], list[int], list[bool], Prepared] | None = None
+        _watch_registrations()
         self.register_buffer("step", state["step"])
         self.averages = nn.Module()
         _register_tree(self.averages, {**state["params"], **state["buffers"]})
@@ -162,8 +186,47 @@ class EMA(nn.Module):
                 stacklevel=2,
             )
             return
-        params, buffers = module_state(self._model)
-        update_(self.state(), params, self.decay, buffers, buffer_policy=self.buffer_policy, dt=dt)
+        self._prepare().run(self.decay, dt)
+
+    def _prepare(self) -> Prepared:
+        """The validated update from the live model, cached while the model is unchanged.
+
+        The cache holds while no module registered a parameter, buffer or submodule, every
+        parameter and buffer still has the same storage, and no parameter was frozen or
+        unfrozen: checks that cost one pass over the tensors, with no Python work per leaf
+        beyond reading a pointer and a flag.
+        """
+        model = self._model
+        if self._prepared is not None:
+            generation, live, pointers, flags, prepared = self._prepared
+            if (
+                generation == _registrations[0]
+                and [t.data_ptr() for t in live] == pointers
+                and [t.requires_grad for t in live] == flags
+            ):
+                return prepared
+        params, buffers = module_state(model)
+        prepared = prepare("update_", self.state(), params, buffers, self.buffer_policy)
+        live = [*model.parameters(), *model.buffers()]
+        self._prepared = (
+            _registrations[0],
+            live,
+            [t.data_ptr() for t in live],
+            [t.requires_grad for t in live],
+            prepared,
+        )
+        return prepared
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMA:
+        """``.to()``, ``.cuda()``, ``.half()``...: convert, then lay the averages out again."""
+        super()._apply(fn, recurse)
+        self._prepared = None
+        state = self.state()
+        for group in (state["params"], state["buffers"]):  # as init lays them out
+            names = sorted(group)  # optree's dict order, which the engine follows
+            packed = pack([group[name] for name in names])
+            _register_tree(self.averages, dict(zip(names, packed, strict=True)))
+        return self
 
     def _averages_for(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The averages keyed like ``module_state(module)``, cast to that module's dtypes."""
@@ -295,4 +358,5 @@ class EMA(nn.Module):
                     f"{tuple(mine.shape)} {mine.dtype}, got {got}. Load a state saved by an EMA "
                     "of the same model with the same `dtype`."
                 )
+        self._prepared = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

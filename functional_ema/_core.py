@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from functional_ema._decay import averaging_weight, check_decay, weight_as
+from functional_ema._engine import Plan, build_plan, fast_path_ok
 from functional_ema._tree import check_pair, is_inexact
 from functional_ema._types import Decay, T
 
@@ -49,10 +50,24 @@ class WeightCache:
         return self._by_dtype[dtype]
 
 
+def engine_plan(pairs: list[tuple[Tensor, Tensor]], *, copy: bool) -> Plan:
+    """The engine's plan for validated ``(shadow, value)`` pairs.
+
+    Floating pairs are averaged (copied when ``copy``), other pairs copied.
+    """
+    averaged = [] if copy else [(s, v) for s, v in pairs if is_inexact(s)]
+    copied = pairs if copy else [(s, v) for s, v in pairs if not is_inexact(s)]
+    return build_plan(averaged, copied)
+
+
 def _ema_update(api: str, shadow: T, params: T, decay: Decay, *, inplace: bool) -> T:
     decay = check_decay(api, decay)
     shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
     weights = WeightCache(decay)
+    if inplace and fast_path_ok(*shadow_leaves, *params_leaves):
+        pairs = list(zip(shadow_leaves, params_leaves, strict=True))
+        engine_plan(pairs, copy=False).run(weights)
+        return shadow
     new = [
         average_leaf(s, p, weights(s.dtype), inplace=inplace)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin
 
+from functional_ema._engine import pack
 from functional_ema._errors import prefix_hint, short_list
 from functional_ema._types import Buffers, Params
 
@@ -147,3 +148,57 @@ def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **
     return torch.func.functional_call(
         module, (params, buffers), args, kwargs, tie_weights=True, strict=True
     )
+
+
+@torch.no_grad()
+def flatten_parameters_(module: nn.Module) -> nn.Module:
+    """Make the module's parameters views of one contiguous buffer per (device, dtype).
+
+    The parameters keep their identity, names, values and ``requires_grad``; only their
+    storage moves. Trainable parameters are laid out in the order the EMA visits them
+    (sorted by name, optree's dict order), followed by the frozen ones, so an EMA of the
+    module updates each (device, dtype) group as one region: one kernel instead of one per
+    tensor, at the memory-bandwidth limit.
+
+    Call it once, after moving the model to its device and dtype and **before creating the
+    optimizer**. Safe with ordinary training, gradient clipping, ``state_dict`` /
+    ``load_state_dict`` (which copy in place) and DDP wrapped afterwards. Undone by anything
+    that replaces parameter storage: ``model.to(...)``, ``.half()``, ``.cuda()`` (call it again
+    afterwards), FSDP (which manages parameter storage itself), and parametrizations or weight
+    norm added later. Nothing breaks if the layout is undone: the EMA detects it and takes its
+    per-tensor path.
+
+    Args:
+        module: The model (not a DDP or ``torch.compile`` wrapper).
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ValueError: For a wrapper or an uninitialized lazy module.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> before = [p.clone() for p in model.parameters()]
+        >>> _ = fe.flatten_parameters_(model)
+        >>> all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+        True
+        >>> len({p.untyped_storage().data_ptr() for p in model.parameters()})
+        1
+    """
+    api = "flatten_parameters_"
+    check_unwrapped(api, module)
+    named = sorted(module.named_parameters(), key=lambda item: item[0])
+    for name, param in named:
+        if isinstance(param, UninitializedTensorMixin):
+            raise ValueError(
+                f"{api}: uninitialized lazy tensor at {name!r}: expected a materialised tensor, "
+                "got an UninitializedParameter. Run one forward pass before flattening."
+            )
+    ordered = [p for _, p in named if p.requires_grad] + [
+        p for _, p in named if not p.requires_grad
+    ]
+    for param, view in zip(ordered, pack(ordered), strict=True):
+        param.data = view
+    return module

@@ -8,8 +8,9 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._core import WeightCache, average_leaf, copy_leaf
+from functional_ema._core import WeightCache, average_leaf, copy_leaf, engine_plan
 from functional_ema._decay import check_decay
+from functional_ema._engine import _wrapped, fast_path_ok, pack
 from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, is_inexact
 from functional_ema._types import Decay, Schedule, TensorTree
 
@@ -45,13 +46,20 @@ BufferPolicy = Literal["copy", "average"]
 
 
 def _copy_tree(tree: TensorTree, dtype: torch.dtype | None) -> TensorTree:
-    def copy(t: Tensor) -> Tensor:
-        t = t.detach()
-        if dtype is not None and is_inexact(t) and t.dtype != dtype:
-            return t.to(dtype)
-        return t.clone()
+    """Detached copies of the leaves, back to back in one buffer per (device, dtype).
 
-    return optree.tree_map(copy, tree)
+    The contiguous layout lets the in-place engine update each group as one region.
+    """
+    leaves, spec = optree.tree_flatten(tree)
+    if torch.compiler.is_compiling() or any(_wrapped(t) for t in leaves):
+
+        def copy(t: Tensor) -> Tensor:
+            t = t.detach()
+            keep = dtype is None or not is_inexact(t) or t.dtype == dtype
+            return t.clone() if keep else t.to(dtype)
+
+        return optree.tree_map(copy, tree)
+    return optree.tree_unflatten(spec, pack(leaves, dtype))
 
 
 def _scalar_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -200,6 +208,132 @@ def resolve_decay(api: str, decay: Decay | Schedule, step: Tensor, dt: int | Ten
     return torch.as_tensor(decay, dtype=torch.float64, device=step.device) ** dt
 
 
+class Prepared:
+    """A validated pairing of a state with the tensors that update it.
+
+    Built by :func:`prepare` (all structure, shape, device and dtype checks); :meth:`run`
+    validates the decay and applies one update in place. With plain tensors outside any
+    ``torch.func`` transform the engine's plan is built once here, so re-running a cached
+    ``Prepared`` (as the ``EMA`` adapter does while the model's tensors stay the same) costs
+    no Python work per leaf.
+    """
+
+    def __init__(
+        self,
+        api: str,
+        state: EmaState,
+        params: TensorTree,
+        buffers: TensorTree | None,
+        buffer_policy: BufferPolicy,
+    ) -> None:
+        _check_state(api, state)
+        if buffer_policy not in ("copy", "average"):
+            raise ValueError(
+                f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
+            )
+        self.api, self.state, self.buffer_policy = api, state, buffer_policy
+        self.shadow, self.values, self.spec = check_pair(
+            api, state["params"], params, ("state['params']", "params")
+        )
+        if ("buffers" in state) != (buffers is not None):
+            if buffers is None:
+                expected, got = "a tree (as given to init)", "None"
+                fix = "pass the current buffers: update(state, params, decay, buffers)."
+            else:
+                expected, got = "None (init got no buffers)", "a tree"
+                fix = "pass the buffers to init too: init(params, buffers)."
+            raise ValueError(
+                f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers "
+                f"in the state, {fix}"
+            )
+        self.buffer_pairs = None
+        if buffers is not None:
+            self.buffer_pairs = check_pair(
+                api, state["buffers"], buffers, ("state['buffers']", "buffers")
+            )
+        self.plan = None
+        held, current = self.buffer_pairs[:2] if self.buffer_pairs else ([], [])
+        tensors = [*self.shadow, *self.values, *held, *current]
+        if "biased" not in state and fast_path_ok(*tensors):
+            copy = buffer_policy == "copy"
+            self.plan = engine_plan(
+                list(zip(self.shadow, self.values, strict=True)), copy=False
+            ).merged(engine_plan(list(zip(held, current, strict=True)), copy=copy))
+
+    def run(self, decay: Decay | Schedule, dt: int | Tensor = 1) -> EmaState:
+        """Apply one update in place (the engine's plan when there is one); return the state."""
+        if self.plan is None:
+            return self._run(decay, dt, inplace=True)
+        dt = check_interval(self.api, dt)
+        weights = WeightCache(resolve_decay(self.api, decay, self.state["step"], dt))
+        with torch.no_grad():
+            self.plan.run(weights)
+            self.state["step"].add_(dt)
+        return self.state
+
+    def _run(self, decay: Decay | Schedule, dt: int | Tensor, *, inplace: bool) -> EmaState:
+        api, state, spec = self.api, self.state, self.spec
+        shadow, values, buffer_pairs = self.shadow, self.values, self.buffer_pairs
+        buffer_policy = self.buffer_policy
+        dt = check_interval(api, dt)
+        weights = WeightCache(resolve_decay(api, decay, state["step"], dt))
+        new: EmaState = {
+            "step": state["step"].add_(dt) if inplace else state["step"] + dt,
+            "params": None,
+        }
+        if "biased" not in state:
+            new_shadow = [
+                average_leaf(s, v, weights(s.dtype), inplace=inplace)
+                for s, v in zip(shadow, values, strict=True)
+            ]
+        else:
+            biased = optree.tree_leaves(state["biased"])
+            local_step = optree.tree_leaves(state["local_step"])
+            new_shadow, new_biased, new_steps = [], [], []
+            for s, b, n, v in zip(shadow, biased, local_step, values, strict=True):
+                if not is_inexact(s):
+                    new_shadow.append(copy_leaf(s, v, inplace=inplace))
+                    new_biased.append(copy_leaf(b, v, inplace=inplace))
+                    new_steps.append(n)
+                    continue
+                # TF's _zero_debias: biased -= (biased - value) * c; local_step += 1;
+                # shadow = biased / (1 - (1 - c) ** local_step), all in the leaf's dtype.
+                c = torch.as_tensor(weights(s.dtype), dtype=s.dtype, device=s.device)
+                b = average_leaf(b, v, weights(s.dtype), inplace=inplace)
+                n = n.add_(1) if inplace else n + 1
+                debiased = b / (1 - torch.pow(1 - c, n))
+                new_shadow.append(s.copy_(debiased) if inplace else debiased)
+                new_biased.append(b)
+                new_steps.append(n)
+            new["biased"] = optree.tree_unflatten(spec, new_biased)
+            new["local_step"] = optree.tree_unflatten(spec, new_steps)
+        new["params"] = optree.tree_unflatten(spec, new_shadow)
+
+        if buffer_pairs is not None:
+            held, current, buffer_spec = buffer_pairs
+            new["buffers"] = optree.tree_unflatten(
+                buffer_spec,
+                [
+                    average_leaf(h, c, weights(h.dtype), inplace=inplace)
+                    if buffer_policy == "average"
+                    else copy_leaf(h, c, inplace=inplace)
+                    for h, c in zip(held, current, strict=True)
+                ],
+            )
+        return state if inplace else new
+
+
+def prepare(
+    api: str,
+    state: EmaState,
+    params: TensorTree,
+    buffers: TensorTree | None = None,
+    buffer_policy: BufferPolicy = "copy",
+) -> Prepared:
+    """Validate an update of ``state`` from ``params`` (and ``buffers``); see :class:`Prepared`."""
+    return Prepared(api, state, params, buffers, buffer_policy)
+
+
 def _update(
     api: str,
     state: EmaState,
@@ -211,75 +345,12 @@ def _update(
     *,
     inplace: bool,
 ) -> EmaState:
-    # Every check first: nothing is written until all of them have passed.
-    _check_state(api, state)
-    if buffer_policy not in ("copy", "average"):
-        raise ValueError(
-            f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
-        )
-    dt = check_interval(api, dt)
-    decay = resolve_decay(api, decay, state["step"], dt)
-    shadow, values, spec = check_pair(api, state["params"], params, ("state['params']", "params"))
-    if ("buffers" in state) != (buffers is not None):
-        if buffers is None:
-            expected, got = "a tree (as given to init)", "None"
-            fix = "pass the current buffers: update(state, params, decay, buffers)."
-        else:
-            expected, got = "None (init got no buffers)", "a tree"
-            fix = "pass the buffers to init too: init(params, buffers)."
-        raise ValueError(
-            f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers in "
-            f"the state, {fix}"
-        )
-    buffer_pairs = None
-    if buffers is not None:
-        buffer_pairs = check_pair(api, state["buffers"], buffers, ("state['buffers']", "buffers"))
-    weights = WeightCache(decay)
-
-    new: EmaState = {
-        "step": state["step"].add_(dt) if inplace else state["step"] + dt,
-        "params": None,
-    }
-    if "biased" not in state:
-        new_shadow = [
-            average_leaf(s, v, weights(s.dtype), inplace=inplace)
-            for s, v in zip(shadow, values, strict=True)
-        ]
-    else:
-        biased = optree.tree_leaves(state["biased"])
-        local_step = optree.tree_leaves(state["local_step"])
-        new_shadow, new_biased, new_steps = [], [], []
-        for s, b, n, v in zip(shadow, biased, local_step, values, strict=True):
-            if not is_inexact(s):
-                new_shadow.append(copy_leaf(s, v, inplace=inplace))
-                new_biased.append(copy_leaf(b, v, inplace=inplace))
-                new_steps.append(n)
-                continue
-            # TF's _zero_debias: biased -= (biased - value) * c; local_step += 1;
-            # shadow = biased / (1 - (1 - c) ** local_step), all in the leaf's dtype.
-            c = torch.as_tensor(weights(s.dtype), dtype=s.dtype, device=s.device)
-            b = average_leaf(b, v, weights(s.dtype), inplace=inplace)
-            n = n.add_(1) if inplace else n + 1
-            debiased = b / (1 - torch.pow(1 - c, n))
-            new_shadow.append(s.copy_(debiased) if inplace else debiased)
-            new_biased.append(b)
-            new_steps.append(n)
-        new["biased"] = optree.tree_unflatten(spec, new_biased)
-        new["local_step"] = optree.tree_unflatten(spec, new_steps)
-    new["params"] = optree.tree_unflatten(spec, new_shadow)
-
-    if buffer_pairs is not None:
-        held, current, buffer_spec = buffer_pairs
-        new["buffers"] = optree.tree_unflatten(
-            buffer_spec,
-            [
-                average_leaf(h, c, weights(h.dtype), inplace=inplace)
-                if buffer_policy == "average"
-                else copy_leaf(h, c, inplace=inplace)
-                for h, c in zip(held, current, strict=True)
-            ],
-        )
-    return state if inplace else new
+    # Every check first (structure, shapes, devices, dtypes; then decay and dt in run):
+    # nothing is written until all of them have passed.
+    prepared = prepare(api, state, params, buffers, buffer_policy)
+    if inplace:
+        return prepared.run(decay, dt)
+    return prepared._run(decay, dt, inplace=False)
 
 
 def update(
@@ -293,8 +364,8 @@ def update(
 ) -> EmaState:
     r"""Apply one EMA update and return a new state; ``state`` is not modified.
 
-    Per floating leaf, with :math:`w = \mathrm{cast}(\mathrm{f32}(1) - \mathrm{f32}(eta))`:
-    :math:`ar	heta \leftarrow ar	heta - (ar	heta - 	heta) w` (see
+    Per floating leaf, with :math:`w = \mathrm{cast}(\mathrm{f32}(1) - \mathrm{f32}(\beta))`:
+    :math:`\bar\theta \leftarrow \bar\theta - (\bar\theta - \theta) w` (see
     :func:`ema_update`), or TF's zero-debiased form when the state was made with
     ``zero_debias=True``. Integer leaves are copied; ``step`` advances by ``dt``.
 

@@ -1,0 +1,182 @@
+"""The in-place engine (regions, chunks, gathers, compiled kernel) keeps TF's bits.
+
+Engine thresholds are forced down so the tiny TF fixtures exercise every path: chunk
+boundaries inside leaves, gathered values, and the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from conftest import assert_bits_equal
+from test_tf_parity import VARIABLE_CASES, get_case, leaves_at, step_decay
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import functional_ema as fe
+from functional_ema import _engine
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+DTYPES["bfloat16"] = torch.bfloat16
+
+
+@pytest.fixture
+def eager_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine, "CHUNK", 7)  # chunk boundaries fall inside leaves
+    monkeypatch.setattr(_engine.compiled, "enabled", False)
+
+
+def _run_tf_case(dtype_name: str, case_name: str, *, scattered: bool) -> None:
+    dtype = DTYPES[dtype_name]
+    case = get_case(dtype_name, case_name)
+    state = fe.init(leaves_at(case, dtype, "init"))
+    assert _engine.flat_view(optree.tree_leaves(state["params"])) is not None
+    for t in range(1, len(case["decay"]) + 1):
+        values = leaves_at(case, dtype, "values", t)
+        if not scattered:  # values laid out like the state: one region per update
+            values = fe.init(values)["params"]
+        fe.update_(state, values, step_decay(case, t))
+        assert_bits_equal(fe.average(state), leaves_at(case, dtype, "average", t))
+
+
+@pytest.mark.parametrize("scattered", [False, True], ids=["region", "gather"])
+@pytest.mark.parametrize("case_name", VARIABLE_CASES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_eager_engine_matches_tf(
+    dtype_name: str, case_name: str, scattered: bool, eager_small_chunks: None
+) -> None:
+    _run_tf_case(dtype_name, case_name, scattered=scattered)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine.compiled, "enabled", True)
+    for case_name in ("per_step_decay", "num_updates_from_zero"):
+        _run_tf_case(dtype_name, case_name, scattered=False)
+    assert _engine.compiled.enabled  # it compiled, and did not fall back
+
+
+def test_plans_pick_the_expected_paths() -> None:
+    shadow = fe.init({"a": torch.randn(10), "b": torch.randn(3, 3)})["params"]
+    flat_values = fe.init({"a": torch.randn(10), "b": torch.randn(3, 3)})["params"]
+    pairs = list(zip(optree.tree_leaves(shadow), optree.tree_leaves(flat_values), strict=True))
+    assert len(_engine.build_plan(pairs, []).regions) == 1
+    scattered = [(s, v.clone()) for s, v in pairs]
+    assert len(_engine.build_plan(scattered, []).gathers) == 1
+    big = [(torch.randn(1 << 15), torch.randn(1 << 15)) for _ in range(2)]
+    assert len(_engine.build_plan(big, []).leaves) == 2
+
+
+@pytest.mark.parametrize("path", ["region", "gather", "leaves"])
+def test_wide_shadow_engine_equals_pure(path: str, eager_small_chunks: None) -> None:
+    params = {"a": torch.randn(50).to(torch.bfloat16), "b": torch.randn(7, 3).to(torch.bfloat16)}
+    if path == "region":
+        params = fe.init(params)["params"]
+    state = fe.init(params, dtype=torch.float32)
+    if path == "leaves":
+        state["params"] = optree.tree_map(torch.clone, state["params"])  # not one region
+    pure = fe.init(params, dtype=torch.float32)
+    for i in range(5):
+        fe.update_(state, params, 0.9 + 0.02 * i)
+        pure = fe.update(pure, params, 0.9 + 0.02 * i)
+    assert_bits_equal(state, pure)
+
+
+class _Allocations(TorchDispatchMode):
+    """Sum the bytes of every tensor an operation newly allocates (not views or outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in optree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in optree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def test_inplace_update_allocates_no_full_size_temporary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine.compiled, "enabled", False)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).to(torch.bfloat16)
+    ema = fe.EMA(model, 0.999, dtype=torch.float32)
+    fe.flatten_parameters_(model)
+    shadow_bytes = sum(t.numel() * 4 for t in ema.state()["params"].values())
+    ema.update()  # warm-up: allocates the scratch once
+    with _Allocations() as counted:
+        ema.update()
+    assert counted.bytes < 0.05 * shadow_bytes, (counted.bytes, shadow_bytes)
+    first = _Allocations()
+    _engine._local.scratch = {}
+    with first:
+        ema.update()
+    assert first.bytes < 0.05 * shadow_bytes, (first.bytes, shadow_bytes)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _train(model: nn.Module, ema: fe.EMA, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 6, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update()
+
+
+def test_flattened_model_uses_regions_and_keeps_bits() -> None:
+    plain, flat = _mlp(), _mlp()
+    fe.flatten_parameters_(flat)
+    ema_plain, ema_flat = fe.EMA(plain, 0.9), fe.EMA(flat, 0.9)
+    _train(plain, ema_plain, 6)
+    _train(flat, ema_flat, 6)
+    assert_bits_equal(ema_flat.state(), ema_plain.state())
+    plan = ema_flat._prepare().plan
+    assert plan is not None
+    assert len(plan.regions) == 1
+    assert not plan.leaves
+    assert not plan.gathers
+
+
+def test_cached_plan_follows_replaced_storage_and_frozen_parameters() -> None:
+    model = _mlp()
+    ema = fe.EMA(model, 0.5)
+    ema.update()
+    first = ema._prepare()
+    assert ema._prepare() is first  # cached while nothing changed
+    with torch.no_grad():
+        model[0].weight.data = torch.ones_like(model[0].weight)  # new storage, same Parameter
+    ema.update()
+    assert ema._prepare() is not first
+    assert (ema.state()["params"]["0.weight"] != 1).any()
+    for _ in range(60):
+        ema.update()
+    torch.testing.assert_close(ema.state()["params"]["0.weight"], model[0].weight.detach())
+    model[3].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^update_: tree structure mismatch .*'3.bias'"):
+        ema.update()
+
+
+def test_to_keeps_the_averages_one_region() -> None:
+    model = _mlp()
+    ema = fe.EMA(model, 0.9).to(torch.float64)
+    leaves = list(ema.state()["params"].values())
+    assert _engine.flat_view(sorted(leaves, key=lambda t: t.storage_offset())) is not None
+    model.double()
+    ema.update()
+    assert ema.state()["params"]["0.weight"].dtype == torch.float64
