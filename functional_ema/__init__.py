@@ -9,12 +9,25 @@ from functional_ema._adapter import EMA as EMA
 from functional_ema._bank import bank as bank
 from functional_ema._bank import ema_update_bank as ema_update_bank
 from functional_ema._bank import ema_update_bank_ as ema_update_bank_
+from functional_ema._checkpoint import check_state as check_state
+from functional_ema._checkpoint import load as load
+from functional_ema._checkpoint import save as save
 from functional_ema._core import ema_update as ema_update
 from functional_ema._core import ema_update_ as ema_update_
 from functional_ema._decay import tf_decay as tf_decay
+from functional_ema._distributed import full_state_dict as full_state_dict
+from functional_ema._distributed import swapped as swapped
 from functional_ema._module import apply as apply
 from functional_ema._module import flatten_parameters_ as flatten_parameters_
 from functional_ema._module import module_state as module_state
+from functional_ema._posthoc import PostHocState as PostHocState
+from functional_ema._posthoc import Reconstruction as Reconstruction
+from functional_ema._posthoc import Snapshot as Snapshot
+from functional_ema._posthoc import SnapshotStore as SnapshotStore
+from functional_ema._posthoc import posthoc_coefficients as posthoc_coefficients
+from functional_ema._posthoc import posthoc_init as posthoc_init
+from functional_ema._posthoc import posthoc_update_ as posthoc_update_
+from functional_ema._posthoc import reconstruct as reconstruct
 from functional_ema._schedules import constant as constant
 from functional_ema._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
 from functional_ema._schedules import half_life as half_life
@@ -37,21 +50,34 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "EMA",
     "EmaState",
+    "PostHocState",
+    "Reconstruction",
+    "Snapshot",
+    "SnapshotStore",
     "apply",
     "average",
     "bank",
+    "check_state",
     "constant",
     "ema_update",
     "ema_update_",
     "ema_update_bank",
     "ema_update_bank_",
     "flatten_parameters_",
+    "full_state_dict",
     "gamma_to_sigma_rel",
     "half_life",
     "init",
+    "load",
     "module_state",
+    "posthoc_coefficients",
+    "posthoc_init",
+    "posthoc_update_",
     "power",
+    "reconstruct",
+    "save",
     "sigma_rel_to_gamma",
+    "swapped",
     "tf_decay",
     "tf_warmup",
     "update",

@@ -11,14 +11,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from functional_ema._checkpoint import SwapGuard, check_state_dict
+from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
-from functional_ema._engine import pack
-from functional_ema._errors import prefix_hint, short_list
+from functional_ema._distributed import (
+    check_sharded,
+    data_ptrs,
+    fsdp_modules,
+    pack,
+    reject_fsdp,
+    reshard,
+)
 from functional_ema._module import apply, check_unwrapped, module_state
 from functional_ema._schedules import tf_warmup
 from functional_ema._state import BufferPolicy, EmaState, Prepared, init, prepare
 from functional_ema._tree import check_pair
-from functional_ema._types import Decay, Schedule
+from functional_ema._types import Decay, NonFinite, Schedule
 
 
 _registrations = [0]
@@ -81,6 +89,10 @@ class EMA(nn.Module):
             Forward, :meth:`swap`, :meth:`copy_to` and :attr:`shadow` cast to the model's.
         buffer_policy: ``"copy"`` (default) or ``"average"`` floating buffers (integer
             buffers such as ``num_batches_tracked`` are always copied).
+        nonfinite: ``"skip"`` (default): NaN/Inf values in the model leave their averages
+            unchanged and ``ema.nonfinite_updates`` counts such updates (on the device);
+            ``"raise"``: ``update()`` raises before writing anything; ``"propagate"``: TF's
+            behaviour (they enter the average).
 
     Example:
         >>> import torch, functional_ema as fe
@@ -95,6 +107,7 @@ class EMA(nn.Module):
     """
 
     step: Tensor
+    nonfinite_updates: Tensor
 
     def __init__(
         self,
@@ -104,6 +117,7 @@ class EMA(nn.Module):
         use_num_updates: bool = False,
         dtype: torch.dtype | None = None,
         buffer_policy: BufferPolicy = "copy",
+        nonfinite: NonFinite = "skip",
     ) -> None:
         super().__init__()
         api = "EMA"
@@ -119,6 +133,7 @@ class EMA(nn.Module):
             raise ValueError(
                 f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
             )
+        check_policy(api, nonfinite)
         params, buffers = module_state(model)
         state = init(params, buffers, dtype=dtype)
         # The live model is a template, not a submodule: not in state_dict, not moved by .to().
@@ -127,12 +142,15 @@ class EMA(nn.Module):
             tf_warmup(decay) if use_num_updates else decay  # type: ignore[arg-type]
         )
         self.buffer_policy: BufferPolicy = buffer_policy
+        self.nonfinite: NonFinite = nonfinite
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._swapped = False
         self._prepared: tuple[int, list[Tensor], list[int], list[bool], Prepared] | None = None
         _watch_registrations()
+        self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
+        self.register_buffer("nonfinite_updates", state["nonfinite"])
         self.averages = nn.Module()
         _register_tree(self.averages, {**state["params"], **state["buffers"]})
         self.train(model.training)
@@ -147,6 +165,7 @@ class EMA(nn.Module):
         held = dict(self.averages.named_buffers())
         return {
             "step": self.step,
+            "nonfinite": self.nonfinite_updates,
             "params": {name: held[name] for name in self._param_names},
             "buffers": {name: held[name] for name in self._buffer_names},
         }
@@ -171,7 +190,9 @@ class EMA(nn.Module):
 
         Raises:
             RuntimeError: Inside :meth:`swap` (the model holds the averages, not the weights).
-            ValueError: If the model's names, shapes or devices changed since construction.
+            ValueError: If the model's names, shapes or devices changed since construction,
+                or an FSDP2 model holds gathered parameters after a forward without backward
+                (call ``model.reshard()`` first).
         """
         if self._swapped:
             raise RuntimeError(
@@ -186,7 +207,9 @@ class EMA(nn.Module):
                 stacklevel=2,
             )
             return
-        self._prepare().run(self.decay, dt)
+        if self._fsdp:
+            check_sharded("EMA.update", self._model)
+        self._prepare().run(self.decay, dt, self.nonfinite)
 
     def _prepare(self) -> Prepared:
         """The validated update from the live model, cached while the model is unchanged.
@@ -201,7 +224,7 @@ class EMA(nn.Module):
             generation, live, pointers, flags, prepared = self._prepared
             if (
                 generation == _registrations[0]
-                and [t.data_ptr() for t in live] == pointers
+                and data_ptrs(live) == pointers
                 and [t.requires_grad for t in live] == flags
             ):
                 return prepared
@@ -211,7 +234,7 @@ class EMA(nn.Module):
         self._prepared = (
             _registrations[0],
             live,
-            [t.data_ptr() for t in live],
+            data_ptrs(live),
             [t.requires_grad for t in live],
             prepared,
         )
@@ -241,9 +264,16 @@ class EMA(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Train mode: the live model. Eval mode: the averages (the live model untouched)."""
+        """Train mode: the live model. Eval mode: the averages (the live model untouched).
+
+        For an FSDP2 model, whose hooks ignore ``functional_call``'s weights, eval mode runs
+        the live model inside :meth:`swap` (in place, restored bit for bit).
+        """
         if self.training:
             return self._model(*args, **kwargs)
+        if self._fsdp:
+            with self.swap() as model:
+                return model(*args, **kwargs)
         params, buffers = self._averages_for(self._model)
         return apply(self._model, params, buffers, *args, **kwargs)
 
@@ -270,7 +300,10 @@ class EMA(nn.Module):
         """Swap the averages into the live model for the ``with`` block, then restore it.
 
         The live weights and buffers are restored bit for bit on exit, also when the body
-        raises. ``update()`` is refused inside the block.
+        raises. ``update()`` is refused inside the block, and so are the live model's
+        ``state_dict()`` (saving the averages as the model's weights is the classic resume
+        bug: save the averages with ``ema.state_dict()`` or ``ema.shadow.state_dict()``) and
+        ``load_state_dict()`` (the exit would undo it); both raise ``RuntimeError``.
 
         Yields:
             The live model, holding the averages.
@@ -287,11 +320,13 @@ class EMA(nn.Module):
         """
         if self._swapped:
             raise RuntimeError("EMA.swap: already inside `with ema.swap():`; do not nest it.")
+        reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
         params, buffers = self._averages_for(self._model)
         live_params, live_buffers = module_state(self._model)
         live = {**live_params, **live_buffers}
         averages = {**params, **buffers}
         backup = {name: tensor.clone() for name, tensor in live.items()}
+        guard = SwapGuard(self._model)
         try:
             with torch.no_grad():
                 for name, tensor in live.items():
@@ -302,7 +337,9 @@ class EMA(nn.Module):
             with torch.no_grad():
                 for name, tensor in live.items():
                     tensor.copy_(backup[name])
+            reshard(self._model)  # FSDP2: no gathered average outlives the block
             self._swapped = False
+            guard.remove()
 
     @property
     def shadow(self) -> nn.Module:
@@ -311,8 +348,16 @@ class EMA(nn.Module):
         Built by copying the live model's structure with every parameter and buffer replaced
         by the (cast) averages, so no live tensor is copied; its parameters have
         ``requires_grad=False`` and it is returned in eval mode, for export and evaluation
-        code that needs a module.
+        code that needs a module. Not for an FSDP2 model (it cannot be deep-copied): export
+        with :func:`full_state_dict` there.
         """
+        reject_fsdp(
+            "EMA.shadow",
+            self._model,
+            "An FSDP2 model cannot be deep-copied.",
+            "Export the averages with fe.full_state_dict(ema.model, ema.state()['params'], "
+            "ema.state()['buffers']) on every rank and load them into a plain model.",
+        )
         params, buffers = self._averages_for(self._model)
         values = {**params, **buffers}
         memo: dict[int, Any] = {}
@@ -327,36 +372,17 @@ class EMA(nn.Module):
     ) -> Any:
         """Load averages and step counter saved by :meth:`state_dict`, checked before writing.
 
+        Keys saved through a DDP or ``torch.compile`` wrapper (``module.`` / ``_orig_mod.``
+        segments) are mapped to this adapter's. Tensors may be on any device (they are
+        copied), but shapes and dtypes must match exactly.
+
         Raises:
-            ValueError: Missing or unexpected keys (with a hint for 'module.' / '_orig_mod.'
-                prefixes), or a shape or dtype that differs from this adapter's.
+            ValueError: Missing or unexpected keys (with ``strict``), shape or dtype
+                mismatches (all listed in one message), or a negative step counter.
+            TypeError: A malformed step counter, or ``state_dict`` not a dict.
         """
-        own = self.state_dict(keep_vars=True)
-        missing, extra = set(own) - set(state_dict), set(state_dict) - set(own)
-        if strict and (missing or extra):
-            raise ValueError(
-                f"EMA.load_state_dict: keys do not match: missing {short_list(missing)}, "
-                f"unexpected {short_list(extra)}. Load a state saved by an EMA of the same "
-                f"model architecture.{prefix_hint(missing, extra, 'this EMA', 'the checkpoint')}"
-            )
-        for key, tensor in state_dict.items():
-            if key not in own:
-                continue
-            mine = own[key]
-            if (
-                not isinstance(tensor, Tensor)
-                or tensor.shape != mine.shape
-                or (tensor.dtype != mine.dtype)
-            ):
-                got = (
-                    f"{tuple(tensor.shape)} {tensor.dtype}"
-                    if isinstance(tensor, Tensor)
-                    else type(tensor).__name__
-                )
-                raise ValueError(
-                    f"EMA.load_state_dict: mismatch at {key!r}: expected "
-                    f"{tuple(mine.shape)} {mine.dtype}, got {got}. Load a state saved by an EMA "
-                    "of the same model with the same `dtype`."
-                )
+        state_dict = check_state_dict(
+            "EMA.load_state_dict", state_dict, self.state_dict(keep_vars=True), strict=strict
+        )
         self._prepared = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -8,10 +8,10 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._core import average_leaf
+from functional_ema._core import average_leaf, check_policy, raise_if_nonfinite
 from functional_ema._decay import averaging_weight, check_decay, weight_as
 from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, is_inexact
-from functional_ema._types import T, TensorTree
+from functional_ema._types import NonFinite, T, TensorTree
 
 
 def bank(params: TensorTree, size: int, *, dtype: torch.dtype | None = None) -> TensorTree:
@@ -68,12 +68,18 @@ def _check_decays(api: str, decays: Tensor | Sequence[float]) -> Tensor:
     return torch.tensor([float(d) for d in decays], dtype=torch.float32)
 
 
-def _ema_update_bank(api: str, shadows: T, params: T, decays: object, *, inplace: bool) -> T:
+def _ema_update_bank(
+    api: str, shadows: T, params: T, decays: object, *, inplace: bool, nonfinite: NonFinite
+) -> T:
     decays = _check_decays(api, decays)  # type: ignore[arg-type]
+    check_policy(api, nonfinite)
     size = decays.shape[0]
     shadow_leaves, params_leaves, spec = check_pair(
         api, shadows, params, ("bank", "params"), bank=size
     )
+    if nonfinite == "raise":
+        raise_if_nonfinite(api, shadows, shadow_leaves, params_leaves, "params")
+    flags: list[Tensor] | None = [] if nonfinite == "skip" else None
     weight = averaging_weight(decays)
     cache: dict[tuple[torch.dtype, int, torch.device], Tensor] = {}
 
@@ -86,13 +92,15 @@ def _ema_update_bank(api: str, shadows: T, params: T, decays: object, *, inplace
         return cache[key]
 
     new = [
-        average_leaf(s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace)
+        average_leaf(s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
     return shadows if inplace else optree.tree_unflatten(spec, new)
 
 
-def ema_update_bank(shadows: T, params: T, decays: Tensor | Sequence[float]) -> T:
+def ema_update_bank(
+    shadows: T, params: T, decays: Tensor | Sequence[float], *, nonfinite: NonFinite = "skip"
+) -> T:
     r"""Update K averages of one tree at once, one decay each; return a new bank.
 
     Row :math:`k` gets exactly :func:`ema_update` with ``decays[k]`` (same bits), but each
@@ -109,6 +117,7 @@ def ema_update_bank(shadows: T, params: T, decays: Tensor | Sequence[float]) -> 
         params: The current values (leaves of shape ``param.shape``). Not modified.
         decays: K decays: a 1-D floating tensor (e.g. from a schedule such as
             ``fe.power(sigma_rel=[0.05, 0.1])``) or a sequence of floats in [0, 1].
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`ema_update`.
 
     Returns:
         The new bank.
@@ -126,17 +135,22 @@ def ema_update_bank(shadows: T, params: T, decays: Tensor | Sequence[float]) -> 
                 [0.5000, 0.5000],
                 [0.0000, 0.0000]])
     """
-    return _ema_update_bank("ema_update_bank", shadows, params, decays, inplace=False)
+    return _ema_update_bank(
+        "ema_update_bank", shadows, params, decays, inplace=False, nonfinite=nonfinite
+    )
 
 
 @torch.no_grad()
-def ema_update_bank_(shadows: T, params: T, decays: Tensor | Sequence[float]) -> T:
+def ema_update_bank_(
+    shadows: T, params: T, decays: Tensor | Sequence[float], *, nonfinite: NonFinite = "skip"
+) -> T:
     """In-place twin of :func:`ema_update_bank`; returns ``shadows``.
 
     Args:
         shadows: A bank from :func:`bank`, modified in place.
         params: The current values. Not modified.
         decays: K decays, as in :func:`ema_update_bank`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`ema_update`.
 
     Returns:
         ``shadows`` itself.
@@ -148,4 +162,6 @@ def ema_update_bank_(shadows: T, params: T, decays: Tensor | Sequence[float]) ->
         >>> shadows["w"][:, 0]
         tensor([0.1000, 0.0100])
     """
-    return _ema_update_bank("ema_update_bank_", shadows, params, decays, inplace=True)
+    return _ema_update_bank(
+        "ema_update_bank_", shadows, params, decays, inplace=True, nonfinite=nonfinite
+    )

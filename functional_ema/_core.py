@@ -7,9 +7,10 @@ import torch
 from torch import Tensor
 
 from functional_ema._decay import averaging_weight, check_decay, weight_as
-from functional_ema._engine import Plan, build_plan, fast_path_ok
-from functional_ema._tree import check_pair, is_inexact
-from functional_ema._types import Decay, T
+from functional_ema._distributed import localize, rewrap
+from functional_ema._engine import Plan, build_plan, fast_path_ok, masked_value
+from functional_ema._tree import check_pair, is_inexact, leaf_paths
+from functional_ema._types import Decay, NonFinite, T
 
 
 def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
@@ -22,16 +23,28 @@ def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
     return value.clone() if value.shape == shadow.shape else value.expand(shadow.shape).clone()
 
 
-def average_leaf(shadow: Tensor, value: Tensor, weight: float | Tensor, *, inplace: bool) -> Tensor:
+def average_leaf(
+    shadow: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    flags: list[Tensor] | None = None,
+) -> Tensor:
     """TF's ``shadow - (shadow - value) * weight``, each operation rounded in the leaf dtype.
 
     ``weight`` is already cast to ``shadow.dtype`` (see ``weight_as``). Integer and bool
     leaves are copied. ``value`` in another floating dtype is first cast to ``shadow``'s, so
-    a wide shadow averages a narrow model exactly in the wide dtype.
+    a wide shadow averages a narrow model exactly in the wide dtype. With a ``flags`` list,
+    non-finite values leave their averages unchanged and the leaf's 0-dim "all finite" flag
+    is appended (``nonfinite="skip"``).
     """
     if not is_inexact(shadow):
         return copy_leaf(shadow, value, inplace=inplace)
-    if value.dtype != shadow.dtype:
+    if flags is not None:
+        value, finite = masked_value(shadow, value)
+        flags.append(finite)
+    elif value.dtype != shadow.dtype:
         value = value.to(shadow.dtype)
     step = (shadow - value) * weight
     return shadow.sub_(step) if inplace else shadow - step
@@ -60,22 +73,57 @@ def engine_plan(pairs: list[tuple[Tensor, Tensor]], *, copy: bool) -> Plan:
     return build_plan(averaged, copied)
 
 
-def _ema_update(api: str, shadow: T, params: T, decay: Decay, *, inplace: bool) -> T:
+def check_policy(api: str, nonfinite: object) -> None:
+    """Validate the non-finite policy."""
+    if nonfinite not in ("skip", "raise", "propagate"):
+        raise ValueError(
+            f"{api}: `nonfinite` must be 'skip', 'raise' or 'propagate', got {nonfinite!r}. "
+            "'skip' (the default) leaves NaN/Inf values out of the average."
+        )
+
+
+def raise_if_nonfinite(
+    api: str, tree: object, shadow: list[Tensor], values: list[Tensor], name: str
+) -> None:
+    """``nonfinite="raise"``: reject non-finite values before anything is written (host sync)."""
+    for index, (s, v) in enumerate(zip(shadow, values, strict=True)):
+        if is_inexact(s) and not bool(torch.isfinite(v).all()):
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise ValueError(
+                f"{api}: non-finite value at {leaf_paths(tree)[index]!r}: expected finite "
+                f"{name}, got {nan} NaN and {inf} Inf. Nothing was updated. Find the cause "
+                "(learning rate, loss scale), or pass nonfinite='skip' to leave such values "
+                "out of the average."
+            )
+
+
+def _ema_update(
+    api: str, shadow: T, params: T, decay: Decay, *, inplace: bool, nonfinite: NonFinite
+) -> T:
     decay = check_decay(api, decay)
+    check_policy(api, nonfinite)
     shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
+    # DTensor pairs update their local shards: shard-local, no collective.
+    shadow_leaves, params_leaves, likes = localize(
+        api, shadow, shadow_leaves, params_leaves, ("shadow", "params")
+    )
+    if nonfinite == "raise":
+        raise_if_nonfinite(api, shadow, shadow_leaves, params_leaves, "params")
+    mask = nonfinite == "skip"
     weights = WeightCache(decay)
     if inplace and fast_path_ok(*shadow_leaves, *params_leaves):
         pairs = list(zip(shadow_leaves, params_leaves, strict=True))
-        engine_plan(pairs, copy=False).run(weights)
+        engine_plan(pairs, copy=False).run(weights, mask=mask)
         return shadow
+    flags: list[Tensor] | None = [] if mask else None
     new = [
-        average_leaf(s, p, weights(s.dtype), inplace=inplace)
+        average_leaf(s, p, weights(s.dtype), inplace=inplace, flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
-    return shadow if inplace else optree.tree_unflatten(spec, new)
+    return shadow if inplace else optree.tree_unflatten(spec, rewrap(likes, new))
 
 
-def ema_update(shadow: T, params: T, decay: Decay) -> T:
+def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
     r"""Return the moving average of ``shadow`` towards ``params`` as a new tree.
 
     Per floating leaf, exactly as TensorFlow's ``assign_moving_average``:
@@ -97,13 +145,18 @@ def ema_update(shadow: T, params: T, decay: Decay) -> T:
         decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor (read on
             the device, no host sync). ``1.0`` freezes the average; ``0.0`` gives
             ``shadow - (shadow - params)``, which is ``params`` up to one rounding, as in TF.
+        nonfinite: ``"skip"`` (default): a NaN or Inf in ``params`` leaves that element's
+            average unchanged (no host sync); ``"raise"``: a ``ValueError`` naming the leaf,
+            before anything is written (reads a flag on the host); ``"propagate"``: average
+            it in, as TF does.
 
     Returns:
         A new tree like ``shadow``. It is differentiable with respect to ``params`` like any
         torch expression; pass detached tensors to keep no autograd history.
 
     Raises:
-        ValueError: If structure, shapes or devices differ, or ``decay`` is out of range.
+        ValueError: If structure, shapes or devices differ, ``decay`` is out of range, or
+            (with ``nonfinite="raise"``) ``params`` holds NaN or Inf.
         TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
             wrong type.
 
@@ -114,11 +167,11 @@ def ema_update(shadow: T, params: T, decay: Decay) -> T:
 
     See also: :func:`ema_update_` (in place), :func:`update` (state with step counter).
     """
-    return _ema_update("ema_update", shadow, params, decay, inplace=False)
+    return _ema_update("ema_update", shadow, params, decay, inplace=False, nonfinite=nonfinite)
 
 
 @torch.no_grad()
-def ema_update_(shadow: T, params: T, decay: Decay) -> T:
+def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
     r"""In-place twin of :func:`ema_update`: update ``shadow``'s tensors and return ``shadow``.
 
     Same leaf routine and bits as :func:`ema_update`; runs under ``torch.no_grad()``. Every
@@ -131,12 +184,14 @@ def ema_update_(shadow: T, params: T, decay: Decay) -> T:
         shadow: The running averages, modified in place.
         params: A tree with the structure, shapes and devices of ``shadow``. Not modified.
         decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`ema_update`.
 
     Returns:
         ``shadow`` itself.
 
     Raises:
-        ValueError: If structure, shapes or devices differ, or ``decay`` is out of range.
+        ValueError: If structure, shapes or devices differ, ``decay`` is out of range, or
+            (with ``nonfinite="raise"``) ``params`` holds NaN or Inf.
         TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
             wrong type.
 
@@ -147,4 +202,4 @@ def ema_update_(shadow: T, params: T, decay: Decay) -> T:
         >>> shadow
         {'w': tensor([0.1000, 0.1000])}
     """
-    return _ema_update("ema_update_", shadow, params, decay, inplace=True)
+    return _ema_update("ema_update_", shadow, params, decay, inplace=True, nonfinite=nonfinite)

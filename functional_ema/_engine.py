@@ -64,34 +64,52 @@ def scratch(dtype: torch.dtype, device: torch.device, numel: int, slot: str = "t
     return buf[:numel]
 
 
-# --- the compiled kernel ---------------------------------------------------------------
+# --- the kernels ------------------------------------------------------------------------
+
+
+def masked_value(shadow: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """``value`` in ``shadow``'s dtype with NaN/Inf replaced by ``shadow``, and an all-finite flag.
+
+    Where ``value`` is not finite the update becomes ``shadow - (shadow - shadow) * w``, which
+    leaves ``shadow`` unchanged; elsewhere the arithmetic (and TF's bits) are untouched.
+    """
+    value = value.to(shadow.dtype)
+    finite = torch.isfinite(value)
+    return torch.where(finite, value, shadow), finite.all()
 
 
 def _kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> None:
     shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
 
 
+def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> Tensor:
+    value, finite = masked_value(shadow, value)
+    shadow.sub_((shadow - value) * weight)
+    return finite
+
+
 class _Compiled:
-    """``torch.compile`` of the TF-order kernel, built on first use, disabled on failure."""
+    """``torch.compile`` of the TF-order kernels, built on first use, disabled on failure."""
 
     def __init__(self) -> None:
         self.enabled = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1") != "0"
-        self._fn: Callable[[Tensor, Tensor, Tensor], None] | None = None
+        self._fns: dict[bool, Callable[..., Any]] = {}
 
-    def __call__(self, shadow: Tensor, value: Tensor, weight: Tensor) -> bool:
+    def __call__(self, shadow: Tensor, value: Tensor, weight: Tensor, *, mask: bool) -> Any:
+        """Run the kernel; ``False`` when compiling is disabled or failed (use eager)."""
         if not self.enabled:
             return False
         try:
-            if self._fn is None:
+            if mask not in self._fns:
                 # emulate_precision_casts: round every intermediate to the shadow's dtype, as
                 # eager (and TF) do, so bfloat16/float16 averages stay bit-exact.
-                self._fn = torch.compile(
-                    _kernel,
+                self._fns[mask] = torch.compile(
+                    _kernel_masked if mask else _kernel,
                     dynamic=True,
                     fullgraph=True,
                     options={"emulate_precision_casts": True},
                 )
-            self._fn(shadow, value, weight)
+            result = self._fns[mask](shadow, value, weight)
         except Exception as error:
             self.enabled = False
             warnings.warn(
@@ -102,31 +120,51 @@ class _Compiled:
                 stacklevel=3,
             )
             return False
-        return True
+        return result if mask else True
 
 
 compiled = _Compiled()
 
 
-def update_region_(shadow: Tensor, value: Tensor, weight: float | Tensor) -> None:
+def update_region_(
+    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool = False
+) -> Tensor | None:
     """In place, TF order, over 1-D contiguous ``shadow`` and ``value`` of equal length.
 
     ``weight`` is already cast to ``shadow.dtype``. ``value`` may be narrower (promoted
-    exactly per chunk). Peak extra memory: one chunk, not a full-size temporary.
+    exactly per chunk). Peak extra memory: one chunk, not a full-size temporary. With
+    ``mask``, non-finite values leave their average unchanged and a 0-dim "all finite" flag
+    (on the device, never read here) is returned.
     """
     numel = shadow.numel()
     if numel >= COMPILE_FROM and shadow.device.type in ("cpu", "cuda"):
         w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
-        if compiled(shadow, value, w):
-            return
+        result = compiled(shadow, value, w, mask=mask)
+        if result is not False:
+            return result if mask else None
     chunk = CHUNK if shadow.device.type == "cpu" else max(CHUNK, 1 << 24)
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
-    for start in range(0, numel, chunk):
+    narrower = torch.promote_types(shadow.dtype, value.dtype) != shadow.dtype
+    flags = (
+        torch.empty(-(-numel // chunk), dtype=torch.bool, device=shadow.device) if mask else None
+    )
+    for index, start in enumerate(range(0, numel, chunk)):
         stop = min(start + chunk, numel)
         s, t = shadow[start:stop], tmp[: stop - start]
-        torch.sub(s, value[start:stop], out=t)
+        v = value[start:stop]
+        if narrower:  # the update runs in the shadow's dtype: round the values first
+            v = v.to(shadow.dtype)
+        if flags is not None:  # v := where(finite, v, s), without allocating
+            ok = scratch(torch.bool, shadow.device, stop - start, slot="finite")
+            torch.sub(v, v, out=t)  # 0 where finite, NaN at NaN and +-Inf
+            torch.eq(t, 0, out=ok)
+            torch.all(ok, out=flags[index])
+            torch.where(ok, v, s, out=t)
+            v = t
+        torch.sub(s, v, out=t)
         t.mul_(weight)
         s.sub_(t)
+    return None if flags is None else flags.all()
 
 
 # --- layouts ---------------------------------------------------------------------------
@@ -219,20 +257,29 @@ class Plan:
             (self.copies[0] + other.copies[0], self.copies[1] + other.copies[1]),
         )
 
-    def run(self, weight_for: Callable[[torch.dtype], float | Tensor]) -> None:
-        """Apply the update with ``weight_for(dtype)``, TF's weight cast to ``dtype``."""
+    def run(
+        self, weight_for: Callable[[torch.dtype], float | Tensor], *, mask: bool = False
+    ) -> list[Tensor]:
+        """Apply the update with ``weight_for(dtype)``, TF's weight cast to ``dtype``.
+
+        With ``mask``, non-finite values leave their averages unchanged; returns the 0-dim
+        "all finite" flags of the averaged groups (device tensors, not read here).
+        """
+        flags: list[Tensor | None] = []
         for region in self.regions:
-            update_region_(region.shadow, region.value, weight_for(region.shadow.dtype))
+            weight = weight_for(region.shadow.dtype)
+            flags.append(update_region_(region.shadow, region.value, weight, mask=mask))
         for gather in self.gathers:
-            _run_gather(gather, weight_for(gather.shadow.dtype))
+            flags.extend(_run_gather(gather, weight_for(gather.shadow.dtype), mask=mask))
         for shadow, value in self.leaves:
-            _update_leaf_(shadow, value, weight_for(shadow.dtype))
+            flags.append(_update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask))
         if self.copies[0]:
             torch._foreach_copy_(self.copies[0], self.copies[1])
+        return [flag for flag in flags if flag is not None]
 
 
-def _run_gather(gather: _Gather, weight: float | Tensor) -> None:
-    values = gather.values
+def _run_gather(gather: _Gather, weight: float | Tensor, *, mask: bool) -> list[Tensor | None]:
+    values, flags = gather.values, []
     dtype, device = values[0].dtype, values[0].device
     start = offset = 0
     while start < len(values):
@@ -243,17 +290,23 @@ def _run_gather(gather: _Gather, weight: float | Tensor) -> None:
             stop += 1
         buf = scratch(dtype, device, size, slot="gather")
         torch.cat([v.reshape(-1) for v in values[start:stop]], out=buf)
-        update_region_(gather.shadow[offset : offset + size], buf, weight)
+        flags.append(update_region_(gather.shadow[offset : offset + size], buf, weight, mask=mask))
         start, offset = stop, offset + size
+    return flags
 
 
-def _update_leaf_(shadow: Tensor, value: Tensor, weight: float | Tensor) -> None:
+def _update_leaf_(
+    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
+) -> Tensor | None:
     if shadow.is_contiguous() and value.is_contiguous() and not shadow.is_complex():
-        update_region_(shadow.view(-1), value.view(-1), weight)
-    else:
-        if value.dtype != shadow.dtype:
-            value = value.to(shadow.dtype)
-        shadow.sub_((shadow - value) * weight)
+        return update_region_(shadow.view(-1), value.view(-1), weight, mask=mask)
+    finite = None
+    if mask:
+        value, finite = masked_value(shadow, value)
+    elif value.dtype != shadow.dtype:
+        value = value.to(shadow.dtype)
+    shadow.sub_((shadow - value) * weight)
+    return finite
 
 
 def build_plan(

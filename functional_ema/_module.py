@@ -8,18 +8,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin
 
+from functional_ema._distributed import (
+    APPLY_FIX,
+    APPLY_WHY,
+    check_sharded,
+    reject_fsdp,
+    reject_fsdp1,
+)
 from functional_ema._engine import pack
 from functional_ema._errors import prefix_hint, short_list
 from functional_ema._types import Buffers, Params
 
 
 def check_unwrapped(api: str, module: nn.Module) -> None:
-    """Reject DDP / DataParallel / torch.compile wrappers, whose names carry a prefix."""
+    """Reject DDP / DataParallel / torch.compile / FSDP1 wrappers, whose names carry a prefix."""
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"{api}: `module` must be a torch.nn.Module, got {type(module).__name__}. "
             "For a tree of tensors use init / update / ema_update directly."
         )
+    reject_fsdp1(api, module)
     if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
         prefix, fix = "module.", "model.module"
     elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
@@ -44,7 +52,9 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
     name; ``functional_call`` routes them to every use.
 
     The tensors are detached views that share storage with the module (no copy): they see
-    later in-place updates of the optimizer. :func:`init` copies them.
+    later in-place updates of the optimizer. :func:`init` copies them. For an FSDP2
+    (``fully_shard``) model they are the sharded DTensor parameters, and the EMA made from
+    them stays sharded alike.
 
     Args:
         module: The model (not a DDP or ``torch.compile`` wrapper).
@@ -54,8 +64,9 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
         ``(params, buffers)``, two ``dict[str, Tensor]``.
 
     Raises:
-        ValueError: For a DDP, DataParallel or ``torch.compile`` wrapper, or a lazy module
-            whose parameters are not initialised yet.
+        ValueError: For a DDP, DataParallel, ``torch.compile`` or FSDP1 wrapper, a lazy
+            module whose parameters are not initialised yet, or an FSDP2 model holding gathered
+            parameters after a forward without backward (call ``model.reshard()`` first).
 
     Example:
         >>> import torch, functional_ema as fe
@@ -68,6 +79,7 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
     """
     api = "module_state"
     check_unwrapped(api, module)
+    check_sharded(api, module)
     params: Params = {}
     buffers: Buffers = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
@@ -132,7 +144,9 @@ def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **
         Whatever ``module.forward`` returns.
 
     Raises:
-        ValueError: If names are missing, unexpected or given twice.
+        ValueError: If names are missing, unexpected or given twice, or for an FSDP2
+            (``fully_shard``) model, whose hooks would run its own weights: use
+            :func:`swapped` there.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -144,6 +158,7 @@ def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **
     """
     api = "apply"
     check_unwrapped(api, module)
+    reject_fsdp(api, module, APPLY_WHY, APPLY_FIX)
     _check_keys(api, module, params, buffers)
     return torch.func.functional_call(
         module, (params, buffers), args, kwargs, tie_weights=True, strict=True
@@ -175,7 +190,7 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         ``module`` itself.
 
     Raises:
-        ValueError: For a wrapper or an uninitialized lazy module.
+        ValueError: For a wrapper, an uninitialized lazy module or an FSDP2 model.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -189,6 +204,12 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
     """
     api = "flatten_parameters_"
     check_unwrapped(api, module)
+    reject_fsdp(
+        api,
+        module,
+        "fully_shard owns the parameters' storage.",
+        "Skip this call: the averages of an FSDP2 model are already laid out contiguously.",
+    )
     named = sorted(module.named_parameters(), key=lambda item: item[0])
     for name, param in named:
         if isinstance(param, UninitializedTensorMixin):

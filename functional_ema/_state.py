@@ -8,16 +8,25 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._core import WeightCache, average_leaf, copy_leaf, engine_plan
+from functional_ema._core import (
+    WeightCache,
+    average_leaf,
+    check_policy,
+    copy_leaf,
+    engine_plan,
+    raise_if_nonfinite,
+)
 from functional_ema._decay import check_decay
-from functional_ema._engine import _wrapped, fast_path_ok, pack
+from functional_ema._distributed import local_leaves, local_tensor, localize, pack, rewrap
+from functional_ema._engine import _wrapped, fast_path_ok
 from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, is_inexact
-from functional_ema._types import Decay, Schedule, TensorTree
+from functional_ema._types import Decay, NonFinite, Schedule, TensorTree
 
 
 class _EmaStateRequired(TypedDict):
     step: Tensor
     params: TensorTree
+    nonfinite: Tensor
 
 
 class EmaState(_EmaStateRequired, total=False):
@@ -31,6 +40,8 @@ class EmaState(_EmaStateRequired, total=False):
         step: Steps covered so far: the sum of the ``dt`` of every update, i.e. the number of
             updates when each covers one step (0-dim int64, on the first leaf's device).
         params: The averages, TF's shadow variables; read them with :func:`average`.
+        nonfinite: Number of updates whose values held a NaN or Inf (0-dim int64, counted on
+            the device); with ``nonfinite="skip"`` those elements were left out.
         buffers: Only when :func:`init` got buffers: their copies (or averages).
         biased: Only with ``zero_debias``: TF's zero-initialised ``biased`` accumulators.
         local_step: Only with ``zero_debias``: TF's per-leaf ``local_step``, in the leaf's
@@ -48,7 +59,8 @@ BufferPolicy = Literal["copy", "average"]
 def _copy_tree(tree: TensorTree, dtype: torch.dtype | None) -> TensorTree:
     """Detached copies of the leaves, back to back in one buffer per (device, dtype).
 
-    The contiguous layout lets the in-place engine update each group as one region.
+    The contiguous layout lets the in-place engine update each group as one region. DTensors
+    stay DTensors sharded like their leaf, their local shards laid out the same way.
     """
     leaves, spec = optree.tree_flatten(tree)
     if torch.compiler.is_compiling() or any(_wrapped(t) for t in leaves):
@@ -68,6 +80,7 @@ def _scalar_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
     Derived from a leaf (not ``torch.zeros(())``) so that ``torch.func.vmap(init)`` gives
     every member its own counter instead of one expanded tensor that in-place updates reject.
     """
+    like = local_tensor(like)  # a DTensor's reshape would communicate; its shard does not
     return torch.zeros_like(like.detach().reshape(-1)[:1], dtype=dtype).sum(dtype=dtype)
 
 
@@ -88,7 +101,8 @@ def init(
 
     Args:
         params: The tree to average (e.g. ``module_state(model)[0]``): any pytree of tensors.
-            Copied and detached; not modified.
+            Copied and detached; not modified. DTensor leaves (FSDP2 parameters) give DTensor
+            averages with the same mesh and placements, updated shard-local.
         buffers: Optional tree of buffers (and frozen parameters) kept beside the averages,
             copied at each :func:`update` (or averaged with ``buffer_policy="average"``).
         zero_debias: Follow TF's zero-debiased average.
@@ -122,7 +136,8 @@ def init(
             lambda t: _scalar_zero(t, t.dtype if is_inexact(t) else torch.int64), shadow
         )
     step = _scalar_zero(leaves[0], torch.int64) if leaves else torch.zeros((), dtype=torch.int64)
-    state: EmaState = {"step": step, "params": shadow}  # a dict literal: dynamo-friendly
+    # A dict literal (dynamo traces it); the counters derive from a leaf (see _scalar_zero).
+    state: EmaState = {"step": step, "params": shadow, "nonfinite": step.clone()}
     if buffers is not None:
         state["buffers"] = _copy_tree(buffers, None)
     if biased is not None and local_step is not None:
@@ -130,29 +145,31 @@ def init(
     return state
 
 
-_KEYS = ("step", "params", "buffers", "biased", "local_step")
+_KEYS = ("step", "params", "nonfinite", "buffers", "biased", "local_step")
 
 
 def _check_state(api: str, state: Any) -> None:
     keys = set(state) if isinstance(state, dict) else set()
-    if not isinstance(state, dict) or not {"step", "params"} <= keys or keys - set(_KEYS):
+    required = {"step", "params", "nonfinite"}
+    if not isinstance(state, dict) or not required <= keys or keys - set(_KEYS):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise TypeError(
-            f"{api}: `state` must be an EmaState: expected a dict with keys 'step', 'params' "
-            f"and optionally 'buffers', 'biased', 'local_step', got {got}. Create it with "
-            "functional_ema.init."
+            f"{api}: `state` must be an EmaState: expected a dict with keys 'step', 'params', "
+            f"'nonfinite' and optionally 'buffers', 'biased', 'local_step', got {got}. Create "
+            "it with functional_ema.init."
         )
-    step = state["step"]
-    if not isinstance(step, Tensor) or step.ndim != 0 or step.dtype != torch.int64:
-        got = (
-            f"shape {tuple(step.shape)}, dtype {step.dtype}"
-            if isinstance(step, Tensor)
-            else type(step).__name__
-        )
-        raise TypeError(
-            f"{api}: step counter at 'step': expected a 0-dim int64 tensor, got {got}. "
-            "Keep the state as functional_ema.init made it."
-        )
+    for key in ("step", "nonfinite"):
+        counter = state[key]
+        if not isinstance(counter, Tensor) or counter.ndim != 0 or counter.dtype != torch.int64:
+            got = (
+                f"shape {tuple(counter.shape)}, dtype {counter.dtype}"
+                if isinstance(counter, Tensor)
+                else type(counter).__name__
+            )
+            raise TypeError(
+                f"{api}: counter at {key!r}: expected a 0-dim int64 tensor, got {got}. "
+                "Keep the state as functional_ema.init made it."
+            )
     if ("biased" in state) != ("local_step" in state):
         raise ValueError(
             f"{api}: zero_debias state at 'biased'/'local_step': expected both or neither, got "
@@ -235,6 +252,10 @@ class Prepared:
         self.shadow, self.values, self.spec = check_pair(
             api, state["params"], params, ("state['params']", "params")
         )
+        # DTensor pairs update their local shards: shard-local, no collective.
+        self.shadow, self.values, self.likes = localize(
+            api, state["params"], self.shadow, self.values, ("state['params']", "params")
+        )
         if ("buffers" in state) != (buffers is not None):
             if buffers is None:
                 expected, got = "a tree (as given to init)", "None"
@@ -246,11 +267,12 @@ class Prepared:
                 f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers "
                 f"in the state, {fix}"
             )
-        self.buffer_pairs = None
+        self.buffer_pairs, self.buffer_likes = None, None
         if buffers is not None:
-            self.buffer_pairs = check_pair(
-                api, state["buffers"], buffers, ("state['buffers']", "buffers")
-            )
+            names = ("state['buffers']", "buffers")
+            held, current, buffer_spec = check_pair(api, state["buffers"], buffers, names)
+            held, current, self.buffer_likes = localize(api, state["buffers"], held, current, names)
+            self.buffer_pairs = (held, current, buffer_spec)
         self.plan = None
         held, current = self.buffer_pairs[:2] if self.buffer_pairs else ([], [])
         tensors = [*self.shadow, *self.values, *held, *current]
@@ -260,34 +282,54 @@ class Prepared:
                 list(zip(self.shadow, self.values, strict=True)), copy=False
             ).merged(engine_plan(list(zip(held, current, strict=True)), copy=copy))
 
-    def run(self, decay: Decay | Schedule, dt: int | Tensor = 1) -> EmaState:
-        """Apply one update in place (the engine's plan when there is one); return the state."""
-        if self.plan is None:
-            return self._run(decay, dt, inplace=True)
+    def _checked(
+        self, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite
+    ) -> tuple[int | Tensor, WeightCache]:
+        """Validate the per-call arguments (before anything is written)."""
+        check_policy(self.api, nonfinite)
         dt = check_interval(self.api, dt)
         weights = WeightCache(resolve_decay(self.api, decay, self.state["step"], dt))
+        if nonfinite == "raise":
+            raise_if_nonfinite(self.api, self.state["params"], self.shadow, self.values, "params")
+            if self.buffer_pairs is not None and self.buffer_policy == "average":
+                held, current, _ = self.buffer_pairs
+                raise_if_nonfinite(self.api, self.state["buffers"], held, current, "buffers")
+        return dt, weights
+
+    def run(
+        self, decay: Decay | Schedule, dt: int | Tensor = 1, nonfinite: NonFinite = "skip"
+    ) -> EmaState:
+        """Apply one update in place (the engine's plan when there is one); return the state."""
+        if self.plan is None:
+            return self._run(decay, dt, nonfinite, inplace=True)
+        dt, weights = self._checked(decay, dt, nonfinite)
         with torch.no_grad():
-            self.plan.run(weights)
+            flags = self.plan.run(weights, mask=nonfinite == "skip")
             self.state["step"].add_(dt)
+            _count_nonfinite(self.state["nonfinite"], flags, inplace=True)
         return self.state
 
-    def _run(self, decay: Decay | Schedule, dt: int | Tensor, *, inplace: bool) -> EmaState:
-        api, state, spec = self.api, self.state, self.spec
+    def _run(
+        self, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite, *, inplace: bool
+    ) -> EmaState:
+        state, spec = self.state, self.spec
         shadow, values, buffer_pairs = self.shadow, self.values, self.buffer_pairs
         buffer_policy = self.buffer_policy
-        dt = check_interval(api, dt)
-        weights = WeightCache(resolve_decay(api, decay, state["step"], dt))
+        likes = None if inplace else self.likes  # the new leaves are DTensors again
+        dt, weights = self._checked(decay, dt, nonfinite)
+        flags: list[Tensor] | None = [] if nonfinite == "skip" else None
         new: EmaState = {
             "step": state["step"].add_(dt) if inplace else state["step"] + dt,
             "params": None,
+            "nonfinite": state["nonfinite"],
         }
         if "biased" not in state:
             new_shadow = [
-                average_leaf(s, v, weights(s.dtype), inplace=inplace)
+                average_leaf(s, v, weights(s.dtype), inplace=inplace, flags=flags)
                 for s, v in zip(shadow, values, strict=True)
             ]
         else:
-            biased = optree.tree_leaves(state["biased"])
+            biased = local_leaves(optree.tree_leaves(state["biased"]))
             local_step = optree.tree_leaves(state["local_step"])
             new_shadow, new_biased, new_steps = [], [], []
             for s, b, n, v in zip(shadow, biased, local_step, values, strict=True):
@@ -299,28 +341,36 @@ class Prepared:
                 # TF's _zero_debias: biased -= (biased - value) * c; local_step += 1;
                 # shadow = biased / (1 - (1 - c) ** local_step), all in the leaf's dtype.
                 c = torch.as_tensor(weights(s.dtype), dtype=s.dtype, device=s.device)
-                b = average_leaf(b, v, weights(s.dtype), inplace=inplace)
+                b = average_leaf(b, v, weights(s.dtype), inplace=inplace, flags=flags)
                 n = n.add_(1) if inplace else n + 1
                 debiased = b / (1 - torch.pow(1 - c, n))
                 new_shadow.append(s.copy_(debiased) if inplace else debiased)
                 new_biased.append(b)
                 new_steps.append(n)
-            new["biased"] = optree.tree_unflatten(spec, new_biased)
+            new["biased"] = optree.tree_unflatten(spec, rewrap(likes, new_biased))
             new["local_step"] = optree.tree_unflatten(spec, new_steps)
-        new["params"] = optree.tree_unflatten(spec, new_shadow)
+        new["params"] = optree.tree_unflatten(spec, rewrap(likes, new_shadow))
 
         if buffer_pairs is not None:
             held, current, buffer_spec = buffer_pairs
-            new["buffers"] = optree.tree_unflatten(
-                buffer_spec,
-                [
-                    average_leaf(h, c, weights(h.dtype), inplace=inplace)
-                    if buffer_policy == "average"
-                    else copy_leaf(h, c, inplace=inplace)
-                    for h, c in zip(held, current, strict=True)
-                ],
-            )
+            new_held = [
+                average_leaf(h, c, weights(h.dtype), inplace=inplace, flags=flags)
+                if buffer_policy == "average"
+                else copy_leaf(h, c, inplace=inplace)
+                for h, c in zip(held, current, strict=True)
+            ]
+            buffer_likes = None if inplace else self.buffer_likes
+            new["buffers"] = optree.tree_unflatten(buffer_spec, rewrap(buffer_likes, new_held))
+        new["nonfinite"] = _count_nonfinite(state["nonfinite"], flags or [], inplace=inplace)
         return state if inplace else new
+
+
+def _count_nonfinite(counter: Tensor, flags: list[Tensor], *, inplace: bool) -> Tensor:
+    """Add 1 to ``counter`` if any "all finite" flag is false, on the device (no sync)."""
+    if not flags:
+        return counter if inplace else counter.clone()
+    seen = ~torch.stack([flag.to(counter.device) for flag in flags]).all()
+    return counter.add_(seen) if inplace else counter + seen
 
 
 def prepare(
@@ -342,6 +392,7 @@ def _update(
     buffers: TensorTree | None,
     buffer_policy: BufferPolicy,
     dt: int | Tensor,
+    nonfinite: NonFinite,
     *,
     inplace: bool,
 ) -> EmaState:
@@ -349,8 +400,8 @@ def _update(
     # nothing is written until all of them have passed.
     prepared = prepare(api, state, params, buffers, buffer_policy)
     if inplace:
-        return prepared.run(decay, dt)
-    return prepared._run(decay, dt, inplace=False)
+        return prepared.run(decay, dt, nonfinite)
+    return prepared._run(decay, dt, nonfinite, inplace=False)
 
 
 def update(
@@ -361,6 +412,7 @@ def update(
     *,
     buffer_policy: BufferPolicy = "copy",
     dt: int | Tensor = 1,
+    nonfinite: NonFinite = "skip",
 ) -> EmaState:
     r"""Apply one EMA update and return a new state; ``state`` is not modified.
 
@@ -383,6 +435,10 @@ def update(
             every ``dt`` steps or after skipped steps: a constant decay is applied as
             :math:`\beta^{dt}` and schedules get ``dt``, so the average's time constant does
             not depend on how often you update. ``dt=1`` is TF's update, bit for bit.
+        nonfinite: ``"skip"`` (default): NaN/Inf values leave their averages unchanged and
+            ``state["nonfinite"]`` counts the update, on the device (no host sync);
+            ``"raise"``: a ``ValueError`` naming the leaf before anything is written (reads a
+            flag on the host); ``"propagate"``: average them in, as TF does.
 
     Returns:
         The new :class:`EmaState`, differentiable with respect to ``params``.
@@ -398,7 +454,9 @@ def update(
         >>> fe.average(state)["w"], int(state["step"])
         (tensor([0.1000, 0.1000]), 1)
     """
-    return _update("update", state, params, decay, buffers, buffer_policy, dt, inplace=False)
+    return _update(
+        "update", state, params, decay, buffers, buffer_policy, dt, nonfinite, inplace=False
+    )
 
 
 @torch.no_grad()
@@ -410,6 +468,7 @@ def update_(
     *,
     buffer_policy: BufferPolicy = "copy",
     dt: int | Tensor = 1,
+    nonfinite: NonFinite = "skip",
 ) -> EmaState:
     """In-place twin of :func:`update`: write the new values into ``state``'s tensors.
 
@@ -422,6 +481,7 @@ def update_(
         buffers: The current buffers; required exactly when :func:`init` got buffers.
         buffer_policy: ``"copy"`` or ``"average"``, as in :func:`update`.
         dt: Steps this update covers, as in :func:`update`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`update`.
 
     Returns:
         ``state`` itself.
@@ -433,7 +493,9 @@ def update_(
         >>> fe.average(state)["w"]
         tensor([0.1000, 0.1000])
     """
-    return _update("update_", state, params, decay, buffers, buffer_policy, dt, inplace=True)
+    return _update(
+        "update_", state, params, decay, buffers, buffer_policy, dt, nonfinite, inplace=True
+    )
 
 
 def average(state: EmaState) -> TensorTree:

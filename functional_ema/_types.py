@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from torch import Tensor
 
@@ -22,5 +22,9 @@ Decay: TypeAlias = float | Tensor
 
 Schedule: TypeAlias = Callable[[Tensor], float | Tensor]
 """A function of the update count (0-dim int64 tensor) returning the decay for that update."""
+
+NonFinite: TypeAlias = Literal["skip", "raise", "propagate"]
+"""What to do with NaN/Inf values: leave them out of the average (``"skip"``, the default),
+reject the update (``"raise"``), or average them in as TF does (``"propagate"``)."""
 
 T = TypeVar("T")

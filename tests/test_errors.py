@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,7 +201,7 @@ def test_malformed_state() -> None:
         fe.update({"params": _tree()}, _values(), 0.9)
     state = fe.init(_tree())
     state["step"] = torch.tensor(1.0)
-    with pytest.raises(TypeError, match=r"step counter at 'step': expected a 0-dim int64 tensor"):
+    with pytest.raises(TypeError, match=r"counter at 'step': expected a 0-dim int64 tensor"):
         fe.update(state, _values(), 0.9)
 
 
@@ -309,10 +312,9 @@ def test_adapter_load_state_dict_errors_before_writing() -> None:
     prefixed = {
         ("averages.module." + k[9:] if k.startswith("averages.") else k): v for k, v in good.items()
     }
-    with pytest.raises(
-        ValueError, match=r"^EMA.load_state_dict: keys do not match: .*wrapper prefix"
-    ):
-        ema.load_state_dict(prefixed)
+    fresh = fe.EMA(_model(), 0.9)  # wrapper prefixes are mapped to the EMA's own names
+    fresh.load_state_dict(prefixed)
+    assert_bits_equal(dict(fresh.state_dict()), dict(good))
     shaped = dict(good, **{"averages.0.bias": torch.zeros(5)})
     with pytest.raises(ValueError, match=r"mismatch at 'averages.0.bias': expected \(4,\)"):
         ema.load_state_dict(shaped)
@@ -331,3 +333,567 @@ def test_adapter_copy_to_mismatched_module() -> None:
     with pytest.raises(ValueError, match=r"^EMA: shape mismatch at '0.bias': expected \(4,\)"):
         ema.copy_to(other)
     assert_bits_equal(other.state_dict(), before)
+
+
+# --- the bad-input matrix, continued: state API, checkpoints, adapter lifecycle ---------
+#
+# Each case builds fresh inputs and returns (action, watch): `action()` must raise the
+# error, whose message starts with the API name and names the path (a leaf, a key, an
+# argument or a file); `watch()` returns everything the call could have modified, which
+# must be bit-identical before and after.
+
+
+Build = Callable[[Path], tuple[Callable[[], Any], Callable[[], Any]]]
+"""A case: given a scratch folder, return ``(action, watch)``."""
+
+
+class _Tied(nn.Module):
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 3, bias=False)
+        self.dec = nn.Linear(3, 3, bias=False)
+        if tie:
+            self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
+def _tensors(module: nn.Module) -> dict[str, Any]:
+    return snapshot({**dict(module.named_parameters()), **dict(module.named_buffers())})
+
+
+def _ema_case(
+    change: Callable[[nn.Module, fe.EMA], Callable[[], Any]], model: nn.Module | None = None
+) -> Build:
+    """An adapter case: build model and EMA, apply ``change``, watch both."""
+
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        live = _model() if model is None else copy.deepcopy(model)
+        ema = fe.EMA(live, 0.9)
+        action = change(live, ema)
+        return action, lambda: {"model": _tensors(live), "ema": snapshot(dict(ema.state_dict()))}
+
+    return build
+
+
+def _state_case(
+    corrupt: Callable[[dict[str, Any]], None], call: Callable[[Any], Any] | None = None
+) -> Build:
+    """A state API case: corrupt a fresh state, then call update_ (or ``call``) on it."""
+
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        state: dict[str, Any] = dict(fe.init(_tree(), {"rm": torch.zeros(2)}))
+        corrupt(state)
+        values = _values()
+        if call is None:
+            action = lambda: fe.update_(state, values, 0.9, {"rm": torch.ones(2)})  # noqa: E731
+        else:
+            action = lambda: call(state)  # noqa: E731
+        return action, lambda: snapshot({"state": state, "values": values})
+
+    return build
+
+
+def _loaded_case(
+    corrupt: Callable[[dict[str, Any]], None],
+) -> Build:
+    """A checkpoint case: a state of the model, corrupted, checked against the model's."""
+
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        loaded: dict[str, Any] = dict(fe.init(*fe.module_state(_model())))
+        corrupt(loaded)
+        like = fe.init(*fe.module_state(_model()))
+        return lambda: fe.check_state(loaded, like=like), lambda: snapshot([loaded, like])
+
+    return build
+
+
+def _load_state_dict_case(corrupt: Callable[[dict[str, Any]], None], strict: bool = True) -> Build:
+    def change(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+        saved = dict(fe.EMA(_model(), 0.9).state_dict())
+        corrupt(saved)
+        return lambda: ema.load_state_dict(saved, strict=strict)
+
+    return _ema_case(change)
+
+
+def _file_case(content: bytes) -> Build:
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        path = folder / "ema.pt"
+        path.write_bytes(content)
+        return lambda: fe.load(path), lambda: {"bytes": path.read_bytes()}
+
+    return build
+
+
+def _saved_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(fe.init(*fe.module_state(_model())), buffer)
+    return buffer.getvalue()
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Corrupt ``state[a][b]`` (path 'a/b') or ``state[a]`` (path 'a'); None deletes."""
+
+    def corrupt(state: dict[str, Any]) -> None:
+        *outer, key = path.split("/")
+        target = state[outer[0]] if outer else state
+        if outer:
+            target = state[outer[0]] = dict(target)
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+
+    return corrupt
+
+
+def _untie(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+    model.dec.weight = nn.Parameter(model.enc.weight.detach().clone())
+    return ema.update
+
+
+def _tie(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+    model.dec.weight = model.enc.weight
+    return ema.update
+
+
+def _lazy(api: str) -> Build:
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        model = nn.Sequential(nn.Linear(2, 3), nn.LazyLinear(4))
+        calls = {
+            "EMA": lambda: fe.EMA(model, 0.9),
+            "module_state": lambda: fe.module_state(model),
+            "flatten_parameters_": lambda: fe.flatten_parameters_(model),
+        }
+        watch = lambda: {  # noqa: E731
+            "types": [type(p).__name__ for p in model.parameters()],
+            "first": snapshot(dict(model[0].named_parameters())),
+        }
+        return calls[api], watch
+
+    return build
+
+
+def _wrapped(kind: str, api: str) -> Build:
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        model = _model()
+        ema = fe.EMA(model, 0.9)
+        wrapper = torch.compile(model) if kind == "compile" else nn.DataParallel(model)
+        params, buffers = fe.module_state(model)
+        calls = {
+            "copy_to": lambda: ema.copy_to(wrapper),
+            "module_state": lambda: fe.module_state(wrapper),
+            "apply": lambda: fe.apply(wrapper, params, buffers, torch.ones(2, 2)),
+        }
+        return calls[api], lambda: {"model": _tensors(model), "ema": snapshot(ema.state())}
+
+    return build
+
+
+def _register(what: str) -> Callable[[nn.Module, fe.EMA], Callable[[], Any]]:
+    def change(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+        if what == "buffer":
+            model[1].register_buffer("extra", torch.zeros(2))
+        elif what == "module":
+            model.add_module("head", nn.Linear(4, 2))
+        elif what == "removed":
+            model[0].register_parameter("bias", None)
+        elif what == "parametrized":
+            nn.utils.parametrizations.weight_norm(model[0])
+        elif what == "int-buffer-dtype":
+            model[1].num_batches_tracked = model[1].num_batches_tracked.int()
+        return ema.update
+
+    return change
+
+
+def _update_with(**kwargs: Any) -> Callable[[nn.Module, fe.EMA], Callable[[], Any]]:
+    def change(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+        if "decay" in kwargs:
+            ema.decay = kwargs["decay"]
+            return ema.update
+        return lambda: ema.update(**kwargs)
+
+    return change
+
+
+def _construct(*args: Any, **kwargs: Any) -> Build:
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        model = _model()
+        return lambda: fe.EMA(model, *args, **kwargs), lambda: _tensors(model)
+
+    return build
+
+
+def _tied_apply_alias_only(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    del folder
+    model = _Tied()
+    params = {"dec.weight": torch.ones(3, 3)}  # the alias of a tied weight, not its name
+    return lambda: fe.apply(model, params, {}, torch.ones(1, 3)), lambda: _tensors(model)
+
+
+def _swap_load(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
+    other = fe.EMA(nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5)), 0.9).state_dict()
+    return lambda: ema.load_state_dict(other)
+
+
+_NEG = torch.tensor(-1)
+_CKPT = r"load: unreadable checkpoint at '.*ema.pt': expected a file written by torch.save"
+
+# (case id, build, error type, message pattern after "^")
+MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
+    # --- the state API: a corrupted state -----------------------------------------------
+    (
+        "state-step-float",
+        _state_case(_set("step", torch.tensor(1.0))),
+        TypeError,
+        r"update_: .*counter at 'step': expected a 0-dim int64 tensor, got shape \(\), dtype "
+        r"torch.float32",
+    ),
+    (
+        "state-step-vector",
+        _state_case(_set("step", torch.tensor([1]))),
+        TypeError,
+        r"update_: .*counter at 'step': expected a 0-dim int64 tensor, got shape \(1,\)",
+    ),
+    (
+        "state-step-int32",
+        _state_case(_set("step", torch.tensor(1, dtype=torch.int32))),
+        TypeError,
+        r"update_: .*counter at 'step': .*dtype torch.int32",
+    ),
+    (
+        "state-step-python-int",
+        _state_case(_set("step", 3)),
+        TypeError,
+        r"update_: .*counter at 'step': expected a 0-dim int64 tensor, got int",
+    ),
+    (
+        "state-average-step-float",
+        _state_case(_set("step", torch.tensor(2.0)), call=fe.average),
+        TypeError,
+        r"average: .*counter at 'step'",
+    ),
+    (
+        "state-non-tensor-leaf",
+        _state_case(_set("params/0.bias", [1.0, 2.0])),
+        TypeError,
+        r"update_: non-tensor leaf at '0.bias.0' of `state\['params'\]`: expected a torch.Tensor, "
+        r"got float",
+    ),
+    (
+        "state-shape-corrupted",
+        _state_case(_set("params/0.weight", torch.zeros(2, 4))),
+        ValueError,
+        r"update_: shape mismatch at '0.weight': expected \(2, 4\) \(state\['params'\]\), got "
+        r"\(4, 2\) \(params\)",
+    ),
+    (
+        "state-buffer-shape",
+        _state_case(_set("buffers/rm", torch.zeros(3))),
+        ValueError,
+        r"update_: shape mismatch at 'rm': expected \(3,\) \(state\['buffers'\]\), got \(2,\)",
+    ),
+    (
+        "state-int-leaf-became-float",
+        _state_case(_set("params/n", torch.tensor(3.0))),
+        TypeError,
+        r"update_: dtype mismatch at 'n': expected a floating dtype like torch.float32 "
+        r"\(state\['params'\]\), got torch.int64",
+    ),
+    (
+        "state-half-zero-debias",
+        _state_case(_set("biased", {k: v.clone() for k, v in _tree().items()})),
+        ValueError,
+        r"update_: zero_debias state at 'biased'/'local_step': expected both or neither",
+    ),
+    (
+        "state-complex-value",
+        _state_case(
+            lambda s: None,
+            call=lambda s: fe.update_(
+                s, {**_values(), "0.bias": torch.ones(4, dtype=torch.complex64)}, 0.9, s["buffers"]
+            ),
+        ),
+        TypeError,
+        r"update_: dtype mismatch at '0.bias': expected a floating dtype like torch.float32 .*"
+        r"got torch.complex64",
+    ),
+    (
+        "state-dt-zero",
+        _state_case(
+            lambda s: None, call=lambda s: fe.update_(s, _values(), 0.9, s["buffers"], dt=0)
+        ),
+        ValueError,
+        r"update_: `dt` must be >= 1, got 0",
+    ),
+    (
+        "state-dt-float",
+        _state_case(
+            lambda s: None, call=lambda s: fe.update(s, _values(), 0.9, s["buffers"], dt=1.5)
+        ),
+        TypeError,
+        r"update: `dt` must be an int or a 0-dim integer tensor, got float",
+    ),
+    # --- checkpoints: a loaded state against the model ----------------------------------
+    (
+        "ckpt-other-model",
+        _loaded_case(
+            lambda s: s.update(
+                params={**s["params"], "2.weight": torch.ones(1)}, buffers=dict(s["buffers"])
+            )
+        ),
+        ValueError,
+        r"check_state: state does not match the model at 'params': keys do not match: "
+        r"missing \[\], unexpected \['2.weight'\]",
+    ),
+    (
+        "ckpt-missing-key",
+        _loaded_case(_set("params/0.bias", None)),
+        ValueError,
+        r"check_state: .*at 'params': keys do not match: missing \['0.bias'\], unexpected \[\]",
+    ),
+    (
+        "ckpt-shape",
+        _loaded_case(_set("params/0.weight", torch.zeros(2, 4))),
+        ValueError,
+        r"check_state: .*mismatch at '0.weight': expected \(4, 2\) torch.float32, got \(2, 4\)",
+    ),
+    (
+        "ckpt-dtype",
+        _loaded_case(_set("buffers/1.running_mean", torch.zeros(4, dtype=torch.float64))),
+        ValueError,
+        r"check_state: .*at 'buffers': mismatch at '1.running_mean': expected \(4,\) "
+        r"torch.float32, got \(4,\) torch.float64",
+    ),
+    (
+        "ckpt-step-negative",
+        _loaded_case(_set("step", _NEG)),
+        ValueError,
+        r"check_state: step counter at 'step': expected a count >= 0, got -1",
+    ),
+    (
+        "ckpt-step-float",
+        _loaded_case(_set("step", torch.tensor(3.0))),
+        TypeError,
+        r"check_state: .*counter at 'step': expected a 0-dim int64 tensor",
+    ),
+    (
+        "ckpt-non-tensor",
+        _loaded_case(_set("params/0.bias", "zeros")),
+        TypeError,
+        r"check_state: non-tensor leaf at '0.bias' of `state\['params'\]`",
+    ),
+    (
+        "ckpt-entry-missing",
+        _loaded_case(_set("buffers", None)),
+        ValueError,
+        r"check_state: entries at '<root>': expected \['buffers', .*\(as in `like`\)",
+    ),
+    ("ckpt-file-empty", _file_case(b""), ValueError, _CKPT + r".*got an empty file"),
+    (
+        "ckpt-file-truncated",
+        _file_case(_saved_bytes()[:-100]),
+        ValueError,
+        _CKPT + r".*got a zip archive without its central directory \(truncated\)",
+    ),
+    (
+        "ckpt-file-text",
+        _file_case(b"step,params\n1,2\n"),
+        ValueError,
+        _CKPT + r".*got a file that is not a torch checkpoint",
+    ),
+    # --- the adapter's checkpoints ------------------------------------------------------
+    (
+        "adapter-load-missing",
+        _load_state_dict_case(_set("averages.0.bias", None)),
+        ValueError,
+        r"EMA.load_state_dict: keys do not match: missing \['averages.0.bias'\], unexpected \[\]",
+    ),
+    (
+        "adapter-load-other-model",
+        _ema_case(_swap_load),
+        ValueError,
+        r"EMA.load_state_dict: mismatch at 'averages.0.bias': expected \(4,\) torch.float32, "
+        r"got \(5,\) torch.float32",
+    ),
+    (
+        "adapter-load-non-tensor",
+        _load_state_dict_case(_set("averages.0.bias", [0.0] * 4)),
+        ValueError,
+        r"EMA.load_state_dict: mismatch at 'averages.0.bias': expected a tensor, got list",
+    ),
+    (
+        "adapter-load-step-float",
+        _load_state_dict_case(_set("step", torch.tensor(2.0))),
+        ValueError,
+        r"EMA.load_state_dict: mismatch at 'step': expected \(\) torch.int64, got \(\) "
+        r"torch.float32",
+    ),
+    (
+        "adapter-load-step-negative",
+        _load_state_dict_case(_set("step", _NEG)),
+        ValueError,
+        r"EMA.load_state_dict: step counter at 'step': expected a count >= 0, got -1",
+    ),
+    (
+        "adapter-load-shape-non-strict",
+        _load_state_dict_case(_set("averages.1.running_var", torch.ones(5)), strict=False),
+        ValueError,
+        r"EMA.load_state_dict: mismatch at 'averages.1.running_var': expected \(4,\)",
+    ),
+    (
+        "adapter-load-not-a-dict",
+        _ema_case(lambda m, ema: lambda: ema.load_state_dict([("step", torch.tensor(1))])),
+        TypeError,
+        r"EMA.load_state_dict: `state_dict` at '<root>': expected a dict .*got list",
+    ),
+    # --- the adapter: tied weights, lazy modules, a model changed after construction ----
+    (
+        "tied-untied-after",
+        _ema_case(_untie, _Tied()),
+        ValueError,
+        r"update_: tree structure mismatch .* extra in `params`: \['dec.weight'\]",
+    ),
+    (
+        "tied-tied-after",
+        _ema_case(_tie, _Tied(tie=False)),
+        ValueError,
+        r"update_: tree structure mismatch .* missing in `params`: \['dec.weight'\]",
+    ),
+    (
+        "tied-apply-alias-only",
+        _tied_apply_alias_only,
+        ValueError,
+        r"apply: names do not match _Tied: missing \['enc.weight'\], unexpected \[\]",
+    ),
+    (
+        "lazy-EMA",
+        _lazy("EMA"),
+        ValueError,
+        r"module_state: uninitialized lazy tensor at '1.weight'",
+    ),
+    (
+        "lazy-module_state",
+        _lazy("module_state"),
+        ValueError,
+        r"module_state: uninitialized lazy tensor at '1.weight': expected a materialised tensor",
+    ),
+    (
+        "lazy-flatten",
+        _lazy("flatten_parameters_"),
+        ValueError,
+        r"flatten_parameters_: uninitialized lazy tensor at '1.bias'",
+    ),
+    (
+        "added-buffer",
+        _ema_case(_register("buffer")),
+        ValueError,
+        r"update_: tree structure mismatch .*extra in `buffers`: \['1.extra'\]",
+    ),
+    (
+        "added-submodule",
+        _ema_case(_register("module")),
+        ValueError,
+        r"update_: tree structure mismatch .*extra in `params`: \['head.bias', 'head.weight'\]",
+    ),
+    (
+        "removed-parameter",
+        _ema_case(_register("removed")),
+        ValueError,
+        r"update_: tree structure mismatch .*missing in `params`: \['0.bias'\]",
+    ),
+    (
+        "renamed-by-parametrization",
+        _ema_case(_register("parametrized")),
+        ValueError,
+        r"update_: .*missing in `params`: \['0.weight'\], extra in `params`: "
+        r"\['0.parametrizations.weight.original0', '0.parametrizations.weight.original1'\]",
+    ),
+    (
+        "int-buffer-dtype-changed",
+        _ema_case(_register("int-buffer-dtype")),
+        TypeError,
+        r"update_: dtype mismatch at '1.num_batches_tracked': expected torch.int64 .*got "
+        r"torch.int32",
+    ),
+    (
+        "wrapper-compile-copy_to",
+        _wrapped("compile", "copy_to"),
+        ValueError,
+        r"EMA.copy_to: wrapped model at '<root>': .*Pass `model._orig_mod`",
+    ),
+    (
+        "wrapper-dp-module_state",
+        _wrapped("dp", "module_state"),
+        ValueError,
+        r"module_state: wrapped model at '<root>': .*'module.' prefix. Pass `model.module`",
+    ),
+    (
+        "wrapper-compile-apply",
+        _wrapped("compile", "apply"),
+        ValueError,
+        r"apply: wrapped model at '<root>'",
+    ),
+    # --- the adapter's arguments --------------------------------------------------------
+    ("adapter-dt-zero", _ema_case(_update_with(dt=0)), ValueError, r"update_: `dt` must be >= 1"),
+    (
+        "adapter-decay-vector",
+        _ema_case(_update_with(decay=torch.tensor([0.9, 0.9]))),
+        ValueError,
+        r"update_: `decay` must be a scalar: expected a 0-dim tensor, got shape \(2,\)",
+    ),
+    (
+        "adapter-schedule-out-of-range",
+        _ema_case(_update_with(decay=lambda t, dt: 1.5)),
+        ValueError,
+        r"update_ \(schedule\): `decay` must be in \[0, 1\], got 1.5",
+    ),
+    (
+        "adapter-dtype-int",
+        _construct(0.9, dtype=torch.int32),
+        TypeError,
+        r"init: `dtype` must be a floating torch.dtype or None, got torch.int32",
+    ),
+    (
+        "adapter-num-updates-with-schedule",
+        _construct(fe.tf_warmup(0.9), use_num_updates=True),
+        TypeError,
+        r"EMA: `use_num_updates` at 'decay': expected a constant decay",
+    ),
+    (
+        "adapter-buffer-policy",
+        _construct(0.9, buffer_policy="mean"),
+        ValueError,
+        r"EMA: `buffer_policy` must be 'copy' or 'average', got 'mean'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "pattern"),
+    [case[1:] for case in MATRIX],
+    ids=[case[0] for case in MATRIX],
+)
+def test_bad_input_matrix(
+    build: Build, error: type[Exception], pattern: str, tmp_path: Path
+) -> None:
+    action, watch = build(tmp_path)
+    before = watch()
+    with pytest.raises(error, match=rf"^{pattern}"):
+        action()
+    assert_bits_equal(watch(), before)
+
+
+def test_bad_input_matrix_size() -> None:
+    # The matrix above plus the tree cases run against four APIs at the top of this file.
+    assert len(MATRIX) >= 40
+    assert len(MATRIX) + len(TREE_CASES) >= 60

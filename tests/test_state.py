@@ -32,7 +32,7 @@ def test_init_copies_and_detaches() -> None:
     assert not state["params"]["w"].requires_grad
     assert torch.equal(state["params"]["w"], params["w"].detach())
     assert state["step"].dtype == torch.int64 and state["step"].item() == 0
-    assert set(state) == {"step", "params"}
+    assert set(state) == {"step", "params", "nonfinite"}
 
 
 def test_update_is_pure_and_counts() -> None:
