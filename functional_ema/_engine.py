@@ -27,8 +27,12 @@ import torch
 from torch import Tensor
 
 
-CHUNK = 1 << 16
-"""Elements per chunk of the eager path (256 KiB of float32: stays in L2 cache)."""
+CHUNK = 1 << 20
+"""Most elements per chunk of the eager path (4 MiB of float32: stays in cache). Each
+region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the scratch stays a
+small fraction of the averages."""
+
+MIN_CHUNK = 1 << 15
 
 GATHER_BELOW = 1 << 14
 """Values smaller than this (in elements) are gathered with ``torch.cat`` instead of updated
@@ -82,10 +86,19 @@ def _kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> None:
     shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
 
 
-def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> Tensor:
-    value, finite = masked_value(shadow, value)
-    shadow.sub_((shadow - value) * weight)
-    return finite
+def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> None:
+    value = value.to(shadow.dtype)
+    shadow.sub_((shadow - torch.where(torch.isfinite(value), value, shadow)) * weight)
+
+
+def finite_flag(value: Tensor) -> Tensor:
+    """0-dim "all finite" flag from one summing pass (no full-size temporary, no host sync).
+
+    The sum is non-finite exactly when an element is NaN or Inf, or in the (for weights,
+    theoretical) case of an overflowing sum; half precision sums in float32.
+    """
+    dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    return torch.isfinite(value.sum(dtype=dtype))
 
 
 class _Compiled:
@@ -95,7 +108,7 @@ class _Compiled:
         self.enabled = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1") != "0"
         self._fns: dict[bool, Callable[..., Any]] = {}
 
-    def __call__(self, shadow: Tensor, value: Tensor, weight: Tensor, *, mask: bool) -> Any:
+    def __call__(self, shadow: Tensor, value: Tensor, weight: Tensor, *, mask: bool) -> bool:
         """Run the kernel; ``False`` when compiling is disabled or failed (use eager)."""
         if not self.enabled:
             return False
@@ -109,7 +122,7 @@ class _Compiled:
                     fullgraph=True,
                     options={"emulate_precision_casts": True},
                 )
-            result = self._fns[mask](shadow, value, weight)
+            self._fns[mask](shadow, value, weight)
         except Exception as error:
             self.enabled = False
             warnings.warn(
@@ -120,7 +133,7 @@ class _Compiled:
                 stacklevel=3,
             )
             return False
-        return result if mask else True
+        return True
 
 
 compiled = _Compiled()
@@ -139,10 +152,11 @@ def update_region_(
     numel = shadow.numel()
     if numel >= COMPILE_FROM and shadow.device.type in ("cpu", "cuda"):
         w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
-        result = compiled(shadow, value, w, mask=mask)
-        if result is not False:
-            return result if mask else None
-    chunk = CHUNK if shadow.device.type == "cpu" else max(CHUNK, 1 << 24)
+        if compiled(shadow, value, w, mask=mask):
+            # The kernel masks non-finite values; the flag is one extra read of ``value``
+            # (Inductor does not fuse the reduction into the update's loop).
+            return finite_flag(value) if mask else None
+    chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
     narrower = torch.promote_types(shadow.dtype, value.dtype) != shadow.dtype
     flags = (

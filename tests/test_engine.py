@@ -25,6 +25,7 @@ DTYPES["bfloat16"] = torch.bfloat16
 @pytest.fixture
 def eager_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "CHUNK", 7)  # chunk boundaries fall inside leaves
+    monkeypatch.setattr(_engine, "MIN_CHUNK", 7)
     monkeypatch.setattr(_engine.compiled, "enabled", False)
 
 

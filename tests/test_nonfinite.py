@@ -33,6 +33,7 @@ def _expected(shadow: dict, clean: dict, bad: dict) -> dict:
 @pytest.mark.parametrize("path", ["pure", "inplace", "engine-region", "engine-gather", "leaves"])
 def test_skip_leaves_nonfinite_values_out(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "CHUNK", 8)
+    monkeypatch.setattr(_engine, "MIN_CHUNK", 8)
     monkeypatch.setattr(_engine.compiled, "enabled", False)
     shadow, clean, bad = _poisoned()
     expected = _expected(shadow, clean, bad)
