@@ -28,9 +28,10 @@ def test_demo_main_returns_finite_accuracies() -> None:
         assert 0.0 <= result[key] <= 1.0, result
 
 
-def test_demo_script_prints_live_and_ema() -> None:
+def test_demo_script_prints_live_and_ema_and_plots(tmp_path) -> None:
+    png = tmp_path / "demo.png"
     completed = subprocess.run(
-        [sys.executable, str(DEMO), "--epochs", "1"],
+        [sys.executable, str(DEMO), "--epochs", "1", "--plot", str(png)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -42,6 +43,7 @@ def test_demo_script_prints_live_and_ema() -> None:
     assert len(epochs) == 1, completed.stdout
     assert "live" in epochs[0], completed.stdout
     assert "ema" in epochs[0], completed.stdout
+    assert png.read_bytes().startswith(b"\x89PNG"), completed.stdout
 
 
 def test_demo_rejects_no_epochs() -> None:
