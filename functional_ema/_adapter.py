@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -79,8 +79,8 @@ class EMA(nn.Module):
         model: The live model (not a DDP or ``torch.compile`` wrapper: pass ``model.module``
             or ``model._orig_mod``). Its trainable parameters are averaged; buffers and frozen
             parameters are copied at each update (see ``buffer_policy``).
-        decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule (a callable of
-            the update count, a 0-dim int64 tensor).
+        decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule called as
+            ``schedule(t, dt)`` (see :func:`update`), e.g. :func:`warmup` or :func:`power`.
         use_num_updates: Apply TF's ``num_updates`` warmup
             :math:`\min(\beta, (1 + n) / (10 + n))` with :math:`n` the step count including
             this update (1 at the first update), i.e. the schedule :func:`tf_warmup`.
@@ -108,6 +108,7 @@ class EMA(nn.Module):
 
     step: Tensor
     nonfinite_updates: Tensor
+    _model: nn.Module
 
     def __init__(
         self,
@@ -363,12 +364,12 @@ class EMA(nn.Module):
         memo: dict[int, Any] = {}
         for name, tensor in self._model.named_parameters():
             memo[id(tensor)] = nn.Parameter(values[name].clone(), requires_grad=False)
-        for name, tensor in self._model.named_buffers():
-            memo[id(tensor)] = values[name].clone()
+        for name, buffer in self._model.named_buffers():
+            memo[id(buffer)] = values[name].clone()
         return copy.deepcopy(self._model, memo).eval()
 
     def load_state_dict(
-        self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
         """Load averages and step counter saved by :meth:`state_dict`, checked before writing.
 

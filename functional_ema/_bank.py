@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import optree
 import torch
@@ -95,7 +96,7 @@ def _ema_update_bank(
         average_leaf(s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
-    return shadows if inplace else optree.tree_unflatten(spec, new)
+    return shadows if inplace else cast(T, optree.tree_unflatten(spec, new))
 
 
 def ema_update_bank(

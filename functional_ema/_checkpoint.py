@@ -10,7 +10,7 @@ import secrets
 import socket
 import zipfile
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -457,14 +457,15 @@ def check_state(state: Any, like: EmaState) -> EmaState:
     check_step(api, state["step"], "step")
     out: dict[str, Any] = {"step": state["step"]}
     problems_by_entry = []
-    for entry in like:
+    ref = cast("dict[str, Any]", like)  # indexed by a variable key: a TypedDict wants literals
+    for entry in ref:
         if entry == "step":
             continue
-        tree = _rename(state[entry], like[entry])
+        tree = _rename(state[entry], ref[entry])
         out[entry] = tree
         check_tensor_leaves(api, tree, f"state[{entry!r}]")
         have = dict(zip(leaf_paths(tree), optree.tree_leaves(tree), strict=True))
-        want = dict(zip(leaf_paths(like[entry]), optree.tree_leaves(like[entry]), strict=True))
+        want = dict(zip(leaf_paths(ref[entry]), optree.tree_leaves(ref[entry]), strict=True))
         missing, unexpected = set(want) - set(have), set(have) - set(want)
         problems = [
             problem
@@ -473,9 +474,9 @@ def check_state(state: Any, like: EmaState) -> EmaState:
         ]
         if not (missing or unexpected or problems) and optree.tree_structure(
             tree
-        ) != optree.tree_structure(like[entry]):
+        ) != optree.tree_structure(ref[entry]):
             problems.append(
-                f"expected containers {optree.tree_structure(like[entry])}, got "
+                f"expected containers {optree.tree_structure(ref[entry])}, got "
                 f"{optree.tree_structure(tree)}"
             )
         if missing or unexpected or problems:

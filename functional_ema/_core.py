@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import optree
 import torch
 from torch import Tensor
@@ -120,7 +122,7 @@ def _ema_update(
         average_leaf(s, p, weights(s.dtype), inplace=inplace, flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
-    return shadow if inplace else optree.tree_unflatten(spec, rewrap(likes, new))
+    return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(likes, new)))
 
 
 def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:

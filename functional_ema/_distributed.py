@@ -26,7 +26,7 @@ from functional_ema._types import Buffers, Params
 # --- DTensor leaves ----------------------------------------------------------------------
 
 
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> Any:
     """The DTensor class, if ``torch.distributed.tensor`` was imported (else none can exist)."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None) if module is not None else None
@@ -114,7 +114,8 @@ def localize(
         return shadow, values, None
     likes: list[Any] | None = None
     out_shadow, out_values = list(shadow), list(values)
-    for index, (s, v) in enumerate(zip(shadow, values, strict=True)):
+    pairs: list[tuple[Any, Any]] = list(zip(shadow, values, strict=True))  # DTensors or not
+    for index, (s, v) in enumerate(pairs):
         s_sharded, v_sharded = isinstance(s, dtensor), isinstance(v, dtensor)
         if not (s_sharded or v_sharded):
             continue
@@ -180,7 +181,7 @@ def pack(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Te
 # --- FSDP2 modules -----------------------------------------------------------------------
 
 
-def _fsdp_types() -> tuple[type | None, type | None]:
+def _fsdp_types() -> tuple[Any, Any]:
     """``(FSDPModule, FullyShardedDataParallel)`` if ``torch.distributed.fsdp`` was imported."""
     module = sys.modules.get("torch.distributed.fsdp")
     if module is None:

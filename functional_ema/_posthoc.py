@@ -72,6 +72,7 @@ def _gammas(
         )
     name, value = ("sigma_rel", sigma_rel) if gamma is None else ("gamma", gamma)
     several = isinstance(value, Sequence | Tensor) and not isinstance(value, str)
+    values: list[Any]
     if isinstance(value, Tensor):
         values = value.reshape(-1).tolist() if value.ndim else [value.item()]
         several = value.ndim > 0
@@ -436,7 +437,8 @@ def posthoc_update_(
     shadows, values, _ = check_pair(
         api, tracker["params"], params, ("tracker['params']", "params"), bank=size
     )
-    held = current = []
+    held: list[Tensor] = []
+    current: list[Tensor] = []
     if ("buffers" in tracker) != (buffers is not None):
         expected = "a tree (as given to posthoc_init)" if buffers is None else "None"
         raise ValueError(
@@ -958,8 +960,8 @@ class Reconstruction:
         for name, tensor in model.named_parameters():
             value = held[name].to(device=tensor.device, dtype=tensor.dtype, copy=True)
             memo[id(tensor)] = nn.Parameter(value, requires_grad=False)
-        for name, tensor in model.named_buffers():
-            memo[id(tensor)] = held[name].to(device=tensor.device, dtype=tensor.dtype, copy=True)
+        for name, buffer in model.named_buffers():
+            memo[id(buffer)] = held[name].to(device=buffer.device, dtype=buffer.dtype, copy=True)
         return copy.deepcopy(model, memo).eval()
 
 

@@ -30,7 +30,7 @@ def _check_positive(api: str, name: str, value: float) -> float:
 
 
 def _check_unit(api: str, name: str, value: float) -> float:
-    return float(check_decay(f"{api} ({name})", value))  # type: ignore[arg-type]
+    return float(check_decay(f"{api} ({name})", value))
 
 
 def _values(
@@ -157,8 +157,8 @@ def warmup(
         0.7978
     """
     api = "warmup"
-    decay = float(check_decay(api, decay))  # type: ignore[arg-type]
-    min_decay = float(check_decay(api, min_decay))  # type: ignore[arg-type]
+    decay = float(check_decay(api, decay))
+    min_decay = float(check_decay(api, min_decay))
     if min_decay > decay:
         raise ValueError(
             f"{api}: `min_decay` at 'min_decay': expected at most decay={decay}, got "

@@ -20,8 +20,9 @@ Buffers: TypeAlias = dict[str, Tensor]
 Decay: TypeAlias = float | Tensor
 """A decay in [0, 1]: a Python number or a 0-dim floating tensor (no host sync)."""
 
-Schedule: TypeAlias = Callable[[Tensor], float | Tensor]
-"""A function of the update count (0-dim int64 tensor) returning the decay for that update."""
+Schedule: TypeAlias = Callable[[Tensor, Tensor], float | Tensor]
+"""A function ``schedule(t, dt)`` of 0-dim integer tensors (the step the update reaches and
+the steps it covers) returning the decay of that update."""
 
 NonFinite: TypeAlias = Literal["skip", "raise", "propagate"]
 """What to do with NaN/Inf values: leave them out of the average (``"skip"``, the default),
