@@ -59,3 +59,18 @@ def test_vmap_ensemble_without_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result["plot"] is None
     assert len(result["results"]) == 4
     assert not list(tmp_path.iterdir())
+
+
+def test_batchnorm_buffers_example() -> None:
+    main = runpy.run_path(str(EXAMPLES / "batchnorm_buffers.py"), run_name="example")["main"]
+    results = main(steps=20, seed=0)
+    assert set(results) == {"live", "copy", "average"}
+    assert all(math.isfinite(v) for v in results.values())
+
+
+def test_bf16_fp32_average_example() -> None:
+    main = runpy.run_path(str(EXAMPLES / "bf16_fp32_average.py"), run_name="example")["main"]
+    results = main(steps=60, seed=0)
+    # The float32 average tracks the float64 reference; the bfloat16 one stalls.
+    assert results["float32 average"] < 1e-3
+    assert results["bfloat16 average"] > 10 * results["float32 average"]
