@@ -30,16 +30,23 @@ from torch import Tensor
 CHUNK = 1 << 20
 """Most elements per chunk of the eager path (4 MiB of float32: stays in cache). Each
 region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the scratch stays a
-small fraction of the averages."""
+small fraction of the averages. Also the most elements gathered into one buffer."""
 
 MIN_CHUNK = 1 << 15
 
-GATHER_BELOW = 1 << 14
-"""Values smaller than this (in elements) are gathered with ``torch.cat`` instead of updated
-one by one, when the averages are one contiguous region."""
+GATHER_BELOW = 1 << 16
+"""Values smaller than this (in elements) that are not laid out like their averages are
+copied into a gather buffer (one ``torch._foreach_copy_`` per group) and updated there as one
+region; larger ones are updated where they are, each by its own kernel call."""
 
-COMPILE_FROM = 1 << 16
-"""Regions of at least this many elements use the compiled kernel (when enabled)."""
+COMPILE_FROM = 1 << 10
+"""Regions of at least this many elements use the compiled kernel (when available); below
+it the few eager operations cost less than a kernel call."""
+
+ROW = 128
+"""The compiled kernel sees a region as rows of ``ROW`` elements (and one shorter row for
+the rest): with ``nonfinite="skip"`` it sums each row to check it, then updates the row
+while it is still in the L1 cache, so the check costs no extra pass over memory."""
 
 _local = threading.local()
 
@@ -82,80 +89,162 @@ def masked_value(shadow: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(finite, value, shadow), finite.all()
 
 
-def _kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> None:
-    shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> None:
-    value = value.to(shadow.dtype)
-    shadow.sub_((shadow - torch.where(torch.isfinite(value), value, shadow)) * weight)
+def _kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
+    """TF order over rows: ``shadow -= (shadow - value) * weight``, in ``shadow``'s dtype.
 
-
-def finite_flag(value: Tensor) -> Tensor:
-    """0-dim "all finite" flag from one summing pass (no full-size temporary, no host sync).
-
-    The sum is non-finite exactly when an element is NaN or Inf, or in the (for weights,
-    theoretical) case of an overflowing sum; half precision sums in float32.
+    Returns ``[weight]``, ignored: with no output Inductor writes ``shadow`` in a second pass.
     """
-    dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
-    return torch.isfinite(value.sum(dtype=dtype))
+    shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
+    return [weight]
+
+
+def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
+    """:func:`_kernel` leaving non-finite values out; returns the 0-dim "all finite" flag.
+
+    A row's sum is finite exactly when its values are (or, for weights theoretically, when
+    the sum overflows). ``where(row_ok, weight, weight)`` is ``weight``: reading the row's
+    check in the update makes Inductor evaluate both in one loop over each row.
+    """
+    value = value.to(shadow.dtype)
+    summed = value.to(_sum_dtype(value.dtype))  # not sum(dtype=): that is not fused
+    row_ok = torch.isfinite(summed.sum(dim=1, keepdim=True))
+    kept = torch.where(torch.isfinite(value), value, shadow)
+    shadow.sub_((shadow - kept) * torch.where(row_ok, weight, weight))
+    return [row_ok.all()]
+
+
+Kernel = Callable[[Tensor, Tensor, Tensor], list[Tensor]]
+
+
+def _standalone(fn: Kernel, examples: tuple[Tensor, Tensor, Tensor]) -> Kernel:
+    """Inductor's compiled ``fn`` for any number of rows and columns, without Dynamo.
+
+    Traced with symbolic shapes and compiled once by ``torch._inductor.standalone_compile``;
+    a call costs a fraction of a ``torch.compile``'d function's (no frame evaluation or
+    guards), which matters for models updated one tensor at a time.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn, tracing_mode="symbolic")(*examples)
+    for node in graph.graph.nodes:  # what standalone_compile reads the shapes from
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+    inputs = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
+    # emulate_precision_casts: round every intermediate to the shadow's dtype, as eager (and
+    # TF) do, so bfloat16/float16 averages stay bit-exact.
+    return torch._inductor.standalone_compile(
+        graph,
+        inputs,
+        dynamic_shapes="from_graph",
+        options={"config_patches": {"emulate_precision_casts": True}},
+    )
+
+
+def _dynamo(fn: Kernel, examples: tuple[Tensor, Tensor, Tensor]) -> Kernel:
+    """``torch.compile`` of ``fn`` (the fallback when standalone compiling is unavailable)."""
+    compiled_fn = torch.compile(
+        fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+    )
+    compiled_fn(*examples)  # compile now, on scratch tensors
+    return compiled_fn
 
 
 class _Compiled:
-    """``torch.compile`` of the TF-order kernels, built on first use, disabled on failure."""
+    """The compiled kernels, built on first use per (mask, device type, dtypes).
+
+    Built with ``torch._inductor.standalone_compile`` where it works, else ``torch.compile``;
+    if both fail the engine warns once and uses its eager path (same bits, slower).
+    """
 
     def __init__(self) -> None:
         self.enabled = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1") != "0"
-        self._fns: dict[bool, Callable[..., Any]] = {}
+        self._kernels: dict[tuple[Any, ...], Kernel] = {}
+        self._lock = threading.Lock()
 
-    def __call__(self, shadow: Tensor, value: Tensor, weight: Tensor, *, mask: bool) -> bool:
-        """Run the kernel; ``False`` when compiling is disabled or failed (use eager)."""
-        if not self.enabled:
-            return False
-        try:
-            if mask not in self._fns:
-                # emulate_precision_casts: round every intermediate to the shadow's dtype, as
-                # eager (and TF) do, so bfloat16/float16 averages stay bit-exact.
-                self._fns[mask] = torch.compile(
-                    _kernel_masked if mask else _kernel,
-                    dynamic=True,
-                    fullgraph=True,
-                    options={"emulate_precision_casts": True},
-                )
-            self._fns[mask](shadow, value, weight)
-        except Exception as error:
-            self.enabled = False
-            warnings.warn(
-                f"functional_ema: torch.compile of the update kernel failed ({error!r}); "
-                "using the eager chunked path instead (same results, slower). Set "
-                "FUNCTIONAL_EMA_COMPILE=0 to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        return True
+    def kernel(self, shadow: Tensor, value: Tensor, *, mask: bool) -> Kernel | None:
+        """The kernel for these tensors; ``None`` means: use the eager path.
+
+        ``None`` when compiling is disabled or failed, or for a device without Inductor.
+        """
+        if not self.enabled or shadow.device.type not in ("cpu", "cuda"):
+            return None
+        key = (mask, shadow.device.type, shadow.dtype, value.dtype)
+        found = self._kernels.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            if key not in self._kernels and self.enabled:
+                self._build(key, shadow, value)
+            return self._kernels.get(key)
+
+    def _build(self, key: tuple[Any, ...], shadow: Tensor, value: Tensor) -> None:
+        fn = _kernel_masked if key[0] else _kernel
+        device = shadow.device
+        # Shapes as the kernel will mostly see (Inductor tunes its loops to them).
+        examples = (
+            torch.zeros(64, ROW, dtype=shadow.dtype, device=device),
+            torch.zeros(64, ROW, dtype=value.dtype, device=device),
+            torch.zeros((), dtype=shadow.dtype, device=device),
+        )
+        errors = []
+        with torch.no_grad():
+            for build in (_standalone, _dynamo):
+                try:
+                    self._kernels[key] = build(fn, examples)
+                    return
+                except Exception as error:  # any failure: use eager
+                    errors.append(f"{build.__name__.strip('_')}: {error!r}")
+        self.enabled = False
+        warnings.warn(
+            "functional_ema: compiling the update kernel failed ("
+            + "; ".join(errors)
+            + "); using the eager chunked path instead (same results, slower). Set "
+            "FUNCTIONAL_EMA_COMPILE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 compiled = _Compiled()
 
 
+def _rows(shadow: Tensor, value: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``shadow`` and ``value`` (1-D, equal length) as kernel inputs.
+
+    Full rows of ``ROW`` elements, then one row with the rest.
+    """
+    numel = shadow.numel()
+    full = numel - numel % ROW
+    blocks = []
+    if full:
+        blocks.append((shadow[:full].view(-1, ROW), value[:full].view(-1, ROW)))
+    if full < numel:
+        blocks.append((shadow[full:].view(1, -1), value[full:].view(1, -1)))
+    return blocks
+
+
 def update_region_(
     shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool = False
-) -> Tensor | None:
+) -> list[Tensor]:
     """In place, TF order, over 1-D contiguous ``shadow`` and ``value`` of equal length.
 
     ``weight`` is already cast to ``shadow.dtype``. ``value`` may be narrower (promoted
-    exactly per chunk). Peak extra memory: one chunk, not a full-size temporary. With
-    ``mask``, non-finite values leave their average unchanged and a 0-dim "all finite" flag
-    (on the device, never read here) is returned.
+    exactly). Peak extra memory: one chunk, not a full-size temporary. With ``mask``,
+    non-finite values leave their average unchanged and 0-dim "all finite" flags (on the
+    device, never read here) are returned.
     """
+    return _Region(shadow, value).run(weight, mask=mask)
+
+
+def _eager_region_(
+    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
+) -> Tensor | None:
+    """The eager path of :func:`update_region_`: cache-sized chunks through a scratch buffer."""
     numel = shadow.numel()
-    if numel >= COMPILE_FROM and shadow.device.type in ("cpu", "cuda"):
-        w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
-        if compiled(shadow, value, w, mask=mask):
-            # The kernel masks non-finite values; the flag is one extra read of ``value``
-            # (Inductor does not fuse the reduction into the update's loop).
-            return finite_flag(value) if mask else None
     chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
     narrower = torch.promote_types(shadow.dtype, value.dtype) != shadow.dtype
@@ -243,19 +332,70 @@ def pack(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Te
 
 @dataclass
 class _Region:
+    """A contiguous 1-D run of averages and the values of the same length that update it."""
+
     shadow: Tensor
     value: Tensor
+    blocks: list[tuple[Tensor, Tensor]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = _rows(self.shadow, self.value)
+
+    def run(self, weight: float | Tensor, *, mask: bool) -> list[Tensor]:
+        """Update in place; the "all finite" flags with ``mask``."""
+        shadow, value = self.shadow, self.value
+        kernel = None
+        if shadow.numel() >= COMPILE_FROM:
+            kernel = compiled.kernel(shadow, value, mask=mask)
+        if kernel is None:
+            flag = _eager_region_(shadow, value, weight, mask=mask)
+            return [] if flag is None else [flag]
+        w = weight
+        if not isinstance(w, Tensor) or w.dtype != shadow.dtype or w.device != shadow.device:
+            w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
+        flags: list[Tensor] = []
+        for shadow_rows, value_rows in self.blocks:
+            out = kernel(shadow_rows, value_rows, w)
+            if mask:
+                flags.extend(out)
+        return flags
 
 
 @dataclass
 class _Gather:
-    shadow: Tensor  # contiguous region of the averages
-    values: list[Tensor]  # small values, gathered with torch.cat
+    """Small scattered values, copied into one buffer, then updated as one region."""
+
+    values: list[Tensor]
+    targets: list[Tensor]  # views of the region's value buffer, shaped like ``values``
+    region: _Region
+
+    @classmethod
+    def of(cls, shadow: Tensor, values: list[Tensor]) -> _Gather:
+        buffer = torch.empty(shadow.numel(), dtype=values[0].dtype, device=shadow.device)
+        targets, offset = [], 0
+        for value in values:
+            targets.append(buffer[offset : offset + value.numel()].view(value.shape))
+            offset += value.numel()
+        return cls(values, targets, _Region(shadow, buffer))
+
+    @property
+    def shadow(self) -> Tensor:
+        return self.region.shadow
+
+    def run(self, weight: float | Tensor, *, mask: bool) -> list[Tensor]:
+        """Copy the values in, then update the region."""
+        torch._foreach_copy_(self.targets, self.values)
+        return self.region.run(weight, mask=mask)
 
 
 @dataclass
 class Plan:
-    """How to apply one in-place update to validated pairs of tensors."""
+    """How to apply one in-place update to validated pairs of tensors.
+
+    ``regions`` update values where they are (one kernel call per region), ``gathers`` copy
+    small scattered values into a buffer first, ``leaves`` are updated one by one (layouts the
+    kernels do not take), ``copies`` are copied.
+    """
 
     regions: list[_Region] = field(default_factory=list)
     gathers: list[_Gather] = field(default_factory=list)
@@ -279,41 +419,26 @@ class Plan:
         With ``mask``, non-finite values leave their averages unchanged; returns the 0-dim
         "all finite" flags of the averaged groups (device tensors, not read here).
         """
-        flags: list[Tensor | None] = []
-        for region in self.regions:
-            weight = weight_for(region.shadow.dtype)
-            flags.append(update_region_(region.shadow, region.value, weight, mask=mask))
-        for gather in self.gathers:
-            flags.extend(_run_gather(gather, weight_for(gather.shadow.dtype), mask=mask))
+        flags: list[Tensor] = []
+        weights: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        parts: list[_Region | _Gather] = [*self.regions, *self.gathers]
+        for part in parts:
+            key = (part.shadow.dtype, part.shadow.device)
+            if key not in weights:  # one 0-dim weight per dtype and device, for every part
+                weights[key] = torch.as_tensor(weight_for(key[0]), dtype=key[0], device=key[1])
+            flags.extend(part.run(weights[key], mask=mask))
         for shadow, value in self.leaves:
-            flags.append(_update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask))
+            flag = _update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask)
+            if flag is not None:
+                flags.append(flag)
         if self.copies[0]:
             torch._foreach_copy_(self.copies[0], self.copies[1])
-        return [flag for flag in flags if flag is not None]
-
-
-def _run_gather(gather: _Gather, weight: float | Tensor, *, mask: bool) -> list[Tensor | None]:
-    values, flags = gather.values, []
-    dtype, device = values[0].dtype, values[0].device
-    start = offset = 0
-    while start < len(values):
-        # As many values as fit one chunk (at least one), gathered into a scratch buffer.
-        stop, size = start, 0
-        while stop < len(values) and (stop == start or size + values[stop].numel() <= CHUNK):
-            size += values[stop].numel()
-            stop += 1
-        buf = scratch(dtype, device, size, slot="gather")
-        torch.cat([v.reshape(-1) for v in values[start:stop]], out=buf)
-        flags.append(update_region_(gather.shadow[offset : offset + size], buf, weight, mask=mask))
-        start, offset = stop, offset + size
-    return flags
+        return flags
 
 
 def _update_leaf_(
     shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
 ) -> Tensor | None:
-    if shadow.is_contiguous() and value.is_contiguous() and not shadow.is_complex():
-        return update_region_(shadow.view(-1), value.view(-1), weight, mask=mask)
     finite = None
     if mask:
         value, finite = masked_value(shadow, value)
@@ -323,38 +448,68 @@ def _update_leaf_(
     return finite
 
 
+def _kernel_layout(tensor: Tensor) -> bool:
+    return tensor.is_contiguous() and not tensor.is_complex()
+
+
+def _plan_group(plan: Plan, pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """Plan one (device, dtypes) group of non-empty pairs, in their given order."""
+    shadows = [s for s, _ in pairs]
+    values = [v for _, v in pairs]
+    shadow_flat = flat_view(shadows)
+    value_flat = flat_view(values) if shadow_flat is not None else None
+    if shadow_flat is not None and value_flat is not None:
+        plan.regions.append(_Region(shadow_flat, value_flat))
+        return
+    if shadow_flat is None:  # averages laid out by the caller: each pair on its own
+        for shadow, value in pairs:
+            if _kernel_layout(shadow) and _kernel_layout(value):
+                plan.regions.append(_Region(shadow.view(-1), value.view(-1)))
+            else:
+                plan.leaves.append((shadow, value))
+        return
+    # One region of averages, scattered values: large contiguous values are updated where
+    # they are; runs of the others are gathered (at most CHUNK elements per buffer).
+    pending: list[Tensor] = []
+    pending_start = offset = 0
+    for value in values:
+        numel = value.numel()
+        direct = numel >= GATHER_BELOW and value.is_contiguous()
+        if pending and (direct or offset + numel - pending_start > CHUNK):
+            plan.gathers.append(_Gather.of(shadow_flat[pending_start:offset], pending))
+            pending = []
+        if direct:
+            plan.regions.append(_Region(shadow_flat[offset : offset + numel], value.view(-1)))
+        else:
+            if not pending:
+                pending_start = offset
+            pending.append(value)
+        offset += numel
+    if pending:
+        plan.gathers.append(_Gather.of(shadow_flat[pending_start:offset], pending))
+
+
 def build_plan(
     averaged: Sequence[tuple[Tensor, Tensor]], copied: Sequence[tuple[Tensor, Tensor]]
 ) -> Plan:
     """Group validated ``(shadow, value)`` pairs for :meth:`Plan.run`.
 
     ``averaged`` pairs are floating (TF-order update), ``copied`` pairs are copied. Pairs are
-    grouped by (device, shadow dtype, value dtype) in their given order; a group whose
-    averages form one region becomes a region update when its values do too, a gather when its
-    values are small, and per-leaf updates otherwise.
+    grouped by (device, shadow dtype, value dtype) in their given order. A group whose
+    averages and values each form one region is one region; when only the averages do, large
+    values are regions of their own and runs of small ones are gathered; otherwise each
+    contiguous pair is a region and the rest are updated leaf by leaf.
     """
     plan = Plan()
     groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
     for shadow, value in averaged:
         if shadow.is_complex():  # the engine's kernels are for real floating dtypes
             plan.leaves.append((shadow, value))
-            continue
-        groups.setdefault((shadow.device, shadow.dtype, value.dtype), []).append((shadow, value))
+        elif shadow.numel():
+            key = (shadow.device, shadow.dtype, value.dtype)
+            groups.setdefault(key, []).append((shadow, value))
     for pairs in groups.values():
-        shadows = [s for s, _ in pairs if s.numel()]
-        values = [v for s, v in pairs if s.numel()]
-        if not shadows:
-            continue
-        shadow_flat = flat_view(shadows)
-        value_flat = flat_view(values) if shadow_flat is not None else None
-        if shadow_flat is not None and value_flat is not None:
-            plan.regions.append(_Region(shadow_flat, value_flat))
-        elif shadow_flat is not None and sum(v.numel() for v in values) < GATHER_BELOW * len(
-            values
-        ):
-            plan.gathers.append(_Gather(shadow_flat, values))
-        else:
-            plan.leaves.extend(zip(shadows, values, strict=True))
+        _plan_group(plan, pairs)
     for shadow, value in copied:
         plan.copies[0].append(shadow)
         plan.copies[1].append(value)

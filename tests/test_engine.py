@@ -68,8 +68,21 @@ def test_plans_pick_the_expected_paths() -> None:
     assert len(_engine.build_plan(pairs, []).regions) == 1
     scattered = [(s, v.clone()) for s, v in pairs]
     assert len(_engine.build_plan(scattered, []).gathers) == 1
-    big = [(torch.randn(1 << 15), torch.randn(1 << 15)) for _ in range(2)]
-    assert len(_engine.build_plan(big, []).leaves) == 2
+    # One region of averages, a large value between small ones: the large one is updated
+    # where it is, the small ones on either side are gathered.
+    big = _engine.GATHER_BELOW
+    values = {"a": torch.randn(3), "b": torch.randn(big), "c": torch.randn(2, 2)}
+    state = fe.init(values)
+    plan = _engine.build_plan(
+        list(zip(optree.tree_leaves(state["params"]), optree.tree_leaves(values), strict=True)),
+        [],
+    )
+    assert [r.shadow.numel() for r in plan.regions] == [big]
+    assert [g.shadow.numel() for g in plan.gathers] == [3, 4]
+    # Averages the caller laid out: each contiguous pair is a region, others leaf by leaf.
+    separate = [(torch.randn(6), torch.randn(6)), (torch.randn(2, 3), torch.randn(3, 2).t())]
+    plan = _engine.build_plan(separate, [])
+    assert (len(plan.regions), len(plan.leaves)) == (1, 1)
 
 
 @pytest.mark.parametrize("path", ["region", "gather", "leaves"])
