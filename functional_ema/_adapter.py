@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -30,12 +31,16 @@ from functional_ema._types import Decay, NonFinite, Schedule
 
 
 _registrations = [0]
-"""Counts parameter, buffer and module registrations in any module of the process."""
+"""Counts parameter, buffer and module registrations in modules some ``EMA`` tracks."""
 
+_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""The modules of the models EMAs track (registrations elsewhere, e.g. a module assigning
+its own buffer attribute each step, do not invalidate any EMA's cached update)."""
 
-def _count_registration(*args: Any) -> None:
-    del args
-    _registrations[0] += 1
+def _count_registration(module: nn.Module, name: str, value: object) -> None:
+    del name, value
+    if module in _tracked:
+        _registrations[0] += 1
 
 
 def _watch_registrations() -> None:
@@ -77,8 +82,9 @@ class EMA(nn.Module):
 
     Args:
         model: The live model (not a DDP or ``torch.compile`` wrapper: pass ``model.module``
-            or ``model._orig_mod``). Its trainable parameters are averaged; buffers and frozen
-            parameters are copied at each update (see ``buffer_policy``).
+            or ``model._orig_mod``). The parameters trainable now are averaged (freezing or
+            unfreezing some later does not change which, as TF's ``var_list``); buffers and
+            the other parameters are copied at each update (see ``buffer_policy``).
         decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule called as
             ``schedule(t, dt)`` (see :func:`update`), e.g. :func:`warmup` or :func:`power`.
         use_num_updates: Apply TF's ``num_updates`` warmup
@@ -147,7 +153,7 @@ class EMA(nn.Module):
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._swapped = False
-        self._prepared: tuple[int, list[Tensor], list[int], list[bool], Prepared] | None = None
+        self._prepared: tuple[int, list[Tensor], list[int], Prepared] | None = None
         _watch_registrations()
         self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
@@ -215,28 +221,23 @@ class EMA(nn.Module):
     def _prepare(self) -> Prepared:
         """The validated update from the live model, cached while the model is unchanged.
 
-        The cache holds while no module registered a parameter, buffer or submodule, every
-        parameter and buffer still has the same storage, and no parameter was frozen or
-        unfrozen: checks that cost one pass over the tensors, with no Python work per leaf
-        beyond reading a pointer and a flag.
+        The cache holds while no module of the model registered a parameter, buffer or
+        submodule and every parameter and buffer still has the same storage: checks that read
+        one pointer per tensor.
         """
         model = self._model
         if self._prepared is not None:
-            generation, live, pointers, flags, prepared = self._prepared
-            if (
-                generation == _registrations[0]
-                and data_ptrs(live) == pointers
-                and [t.requires_grad for t in live] == flags
-            ):
+            generation, live, pointers, prepared = self._prepared
+            if generation == _registrations[0] and data_ptrs(live) == pointers:
                 return prepared
-        params, buffers = module_state(model)
+        _tracked.update(model.modules())
+        params, buffers = self._module_state(model)
         prepared = prepare("update_", self.state(), params, buffers, self.buffer_policy)
         live = [*model.parameters(), *model.buffers()]
         self._prepared = (
             _registrations[0],
             live,
             data_ptrs(live),
-            [t.requires_grad for t in live],
             prepared,
         )
         return prepared
@@ -252,9 +253,20 @@ class EMA(nn.Module):
             _register_tree(self.averages, dict(zip(names, packed, strict=True)))
         return self
 
+    def _module_state(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """:func:`module_state` of ``module``, split as at construction.
+
+        The parameters averaged are those trainable when the EMA was made, whatever their
+        ``requires_grad`` now.
+        """
+        params, buffers = module_state(module, trainable_only=False)
+        copied = set(self._buffer_names)  # a parameter added since is averaged
+        kept = {name: t for name, t in params.items() if name in copied}
+        return {name: t for name, t in params.items() if name not in copied}, {**kept, **buffers}
+
     def _averages_for(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The averages keyed like ``module_state(module)``, cast to that module's dtypes."""
-        live_params, live_buffers = module_state(module)
+        """The averages keyed like ``self._module_state(module)``, cast to its dtypes."""
+        live_params, live_buffers = self._module_state(module)
         state = self.state()
         held = {**state["params"], **state["buffers"]}
         live = {**live_params, **live_buffers}
@@ -292,7 +304,7 @@ class EMA(nn.Module):
         check_unwrapped("EMA.copy_to", module)
         params, buffers = self._averages_for(module)
         averages = {**params, **buffers}
-        live_params, live_buffers = module_state(module)
+        live_params, live_buffers = self._module_state(module)
         for name, tensor in {**live_params, **live_buffers}.items():
             tensor.copy_(averages[name])
 
@@ -323,7 +335,7 @@ class EMA(nn.Module):
             raise RuntimeError("EMA.swap: already inside `with ema.swap():`; do not nest it.")
         reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
         params, buffers = self._averages_for(self._model)
-        live_params, live_buffers = module_state(self._model)
+        live_params, live_buffers = self._module_state(self._model)
         live = {**live_params, **live_buffers}
         averages = {**params, **buffers}
         backup = {name: tensor.clone() for name, tensor in live.items()}

@@ -42,9 +42,10 @@ def local_tensor(tensor: Tensor) -> Tensor:
 
 def data_ptrs(tensors: Sequence[Tensor]) -> list[int]:
     """Data pointers of ``tensors``, of the local shard for a DTensor (whose own is 0)."""
+    pointers = list(map(Tensor.data_ptr, tensors))
     dtensor = _dtensor_type()
-    if dtensor is None:
-        return [t.data_ptr() for t in tensors]
+    if dtensor is None or 0 not in pointers:
+        return pointers
     return [(t._local_tensor if isinstance(t, dtensor) else t).data_ptr() for t in tensors]
 
 

@@ -129,7 +129,9 @@ def _standalone(fn: Kernel, examples: tuple[Tensor, Tensor, Tensor]) -> Kernel:
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(fn, tracing_mode="symbolic")(*examples)
+    # Traced through a lambda: an annotated function would put its return annotation (a
+    # string) among the graph's globals, which Inductor's cache cannot key on.
+    graph = make_fx(lambda s, v, w: fn(s, v, w), tracing_mode="symbolic")(*examples)
     for node in graph.graph.nodes:  # what standalone_compile reads the shapes from
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]

@@ -167,7 +167,7 @@ def test_flattened_model_uses_regions_and_keeps_bits() -> None:
     assert not plan.gathers
 
 
-def test_cached_plan_follows_replaced_storage_and_frozen_parameters() -> None:
+def test_cached_plan_follows_replaced_storage() -> None:
     model = _mlp()
     ema = fe.EMA(model, 0.5)
     ema.update()
@@ -181,8 +181,51 @@ def test_cached_plan_follows_replaced_storage_and_frozen_parameters() -> None:
     for _ in range(60):
         ema.update()
     torch.testing.assert_close(ema.state()["params"]["0.weight"], model[0].weight.detach())
-    model[3].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^update_: tree structure mismatch .*'3.bias'"):
+
+
+def test_freezing_later_keeps_the_averaged_set() -> None:
+    """As TF's ``var_list``: the parameters trainable at construction stay averaged."""
+    model = _mlp()
+    ema = fe.EMA(model, 0.5)
+    model[3].bias.requires_grad_(False)  # frozen after construction: still averaged
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[3].bias.fill_(2.0)
+    before = ema.state()["params"]["3.bias"].clone()
+    ema.update()
+    assert set(ema.state()["params"]) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    }
+    assert_bits_equal(ema.state()["params"]["3.bias"], before - (before - 2.0) * 0.5)
+    _ = ema.eval()
+    ema(torch.randn(4, 6))  # the averaged model still runs
+    frozen = _mlp()
+    frozen[0].bias.requires_grad_(False)  # frozen at construction: copied, never averaged
+    ema = fe.EMA(frozen, 0.5)
+    frozen[0].bias.requires_grad_(True)
+    with torch.no_grad():
+        frozen[0].bias.fill_(3.0)
+    ema.update()
+    assert "0.bias" not in ema.state()["params"]
+    assert torch.equal(ema.state()["buffers"]["0.bias"], torch.full((16,), 3.0))
+
+
+def test_cached_plan_ignores_registrations_in_other_modules() -> None:
+    model = _mlp()
+    ema = fe.EMA(model, 0.5)
+    ema.update()
+    first = ema._prepare()
+    other = nn.Linear(2, 2)
+    other.register_buffer("count", torch.zeros(()))
+    other.count = torch.ones(())  # a module assigning its own buffer (as AveragedModel does)
+    assert ema._prepare() is first
+    model[1].register_buffer("extra", torch.zeros(()))  # in the tracked model: re-validated
+    with pytest.raises(ValueError, match=r"extra"):
         ema.update()
 
 
