@@ -37,6 +37,7 @@ _tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 """The modules of the models EMAs track (registrations elsewhere, e.g. a module assigning
 its own buffer attribute each step, do not invalidate any EMA's cached update)."""
 
+
 def _count_registration(module: nn.Module, name: str, value: object) -> None:
     del name, value
     if module in _tracked:
