@@ -396,13 +396,14 @@ class Plan:
 
     ``regions`` update values where they are (one kernel call per region), ``gathers`` copy
     small scattered values into a buffer first, ``leaves`` are updated one by one (layouts the
-    kernels do not take), ``copies`` are copied.
+    kernels do not take), ``copies`` are copied (``regions_copied``: one ``copy_`` each).
     """
 
     regions: list[_Region] = field(default_factory=list)
     gathers: list[_Gather] = field(default_factory=list)
     leaves: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    regions_copied: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def merged(self, other: Plan) -> Plan:
         """One plan doing the work of both."""
@@ -411,6 +412,7 @@ class Plan:
             self.gathers + other.gathers,
             self.leaves + other.leaves,
             (self.copies[0] + other.copies[0], self.copies[1] + other.copies[1]),
+            self.regions_copied + other.regions_copied,
         )
 
     def run(
@@ -433,6 +435,8 @@ class Plan:
             flag = _update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask)
             if flag is not None:
                 flags.append(flag)
+        for held, current in self.regions_copied:
+            held.copy_(current)
         if self.copies[0]:
             torch._foreach_copy_(self.copies[0], self.copies[1])
         return flags
@@ -512,7 +516,16 @@ def build_plan(
             groups.setdefault(key, []).append((shadow, value))
     for pairs in groups.values():
         _plan_group(plan, pairs)
+    copy_groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
     for shadow, value in copied:
-        plan.copies[0].append(shadow)
-        plan.copies[1].append(value)
+        key = (shadow.device, shadow.dtype, value.dtype)
+        copy_groups.setdefault(key, []).append((shadow, value))
+    for pairs in copy_groups.values():  # one copy_ where both sides are one region
+        held = flat_view([s for s, _ in pairs])
+        current = flat_view([v for _, v in pairs]) if held is not None else None
+        if held is not None and current is not None:
+            plan.regions_copied.append((held, current))
+            continue
+        plan.copies[0].extend(s for s, _ in pairs)
+        plan.copies[1].extend(v for _, v in pairs)
     return plan

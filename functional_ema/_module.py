@@ -167,13 +167,14 @@ def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **
 
 @torch.no_grad()
 def flatten_parameters_(module: nn.Module) -> nn.Module:
-    """Make the module's parameters views of one contiguous buffer per (device, dtype).
+    """Make the module's parameters (and buffers) views of one buffer per (device, dtype).
 
-    The parameters keep their identity, names, values and ``requires_grad``; only their
-    storage moves. Trainable parameters are laid out in the order the EMA visits them
-    (sorted by name, optree's dict order), followed by the frozen ones, so an EMA of the
-    module updates each (device, dtype) group as one region: one kernel instead of one per
-    tensor, at the memory-bandwidth limit.
+    The tensors keep their identity, names, values and ``requires_grad``; only their storage
+    moves. Trainable parameters are laid out in the order the EMA visits them (sorted by
+    name, optree's dict order), followed by the frozen parameters and the buffers (sorted by
+    name together, as the EMA copies them), so an EMA of the module updates each
+    (device, dtype) group as one region: one kernel instead of one per tensor, at the
+    memory-bandwidth limit, and one copy for the buffers.
 
     Call it once, after moving the model to its device and dtype and **before creating the
     optimizer**. Safe with ordinary training, gradient clipping, ``state_dict`` /
@@ -217,9 +218,14 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
                 f"{api}: uninitialized lazy tensor at {name!r}: expected a materialised tensor, "
                 "got an UninitializedParameter. Run one forward pass before flattening."
             )
-    ordered = [p for _, p in named if p.requires_grad] + [
-        p for _, p in named if not p.requires_grad
-    ]
-    for param, view in zip(ordered, pack(ordered), strict=True):
-        param.data = view
+    trainable = [p for _, p in named if p.requires_grad]
+    # The EMA copies frozen parameters with the buffers, in one tree sorted by name: laid out
+    # in that order they are one region too, copied with one operation.
+    held = sorted(
+        [(name, p) for name, p in named if not p.requires_grad] + list(module.named_buffers()),
+        key=lambda item: item[0],
+    )
+    ordered = trainable + [t for _, t in held]
+    for tensor, view in zip(ordered, pack(ordered), strict=True):
+        tensor.data = view
     return module

@@ -55,10 +55,68 @@ def test_eager_engine_matches_tf(
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "ROW", 3)  # full rows and a shorter last row
+    monkeypatch.setattr(_engine, "GATHER_BELOW", 4)  # scattered: updated in place or gathered
     monkeypatch.setattr(_engine.compiled, "enabled", True)
     for case_name in ("per_step_decay", "num_updates_from_zero"):
         _run_tf_case(dtype_name, case_name, scattered=False)
+        _run_tf_case(dtype_name, case_name, scattered=True)
     assert _engine.compiled.enabled  # it compiled, and did not fall back
+
+
+def _broken(*args: object) -> None:
+    raise RuntimeError("this compiler is unavailable")
+
+
+@pytest.mark.compile
+def test_kernel_falls_back_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = _engine._Compiled()
+    fresh.enabled = True
+    built = []
+    dynamo = _engine._dynamo
+
+    def recording(fn, examples):  # type: ignore[no-untyped-def]
+        built.append(fn)
+        return dynamo(fn, examples)
+
+    monkeypatch.setattr(_engine, "compiled", fresh)
+    monkeypatch.setattr(_engine, "_standalone", _broken)
+    monkeypatch.setattr(_engine, "_dynamo", recording)
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    _run_tf_case("float32", "per_step_decay", scattered=False)
+    assert fresh.enabled
+    assert built == [_engine._kernel_masked]
+
+
+def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = _engine._Compiled()
+    fresh.enabled = True
+    monkeypatch.setattr(_engine, "compiled", fresh)
+    monkeypatch.setattr(_engine, "_standalone", _broken)
+    monkeypatch.setattr(_engine, "_dynamo", _broken)
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    with pytest.warns(RuntimeWarning, match=r"compiling the update kernel failed .*unavailable"):
+        _run_tf_case("float32", "per_step_decay", scattered=False)
+    assert not fresh.enabled
+
+
+@pytest.mark.compile
+def test_compiled_rows_leave_nonfinite_values_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine.compiled, "enabled", True)
+    state = fe.init({"w": torch.zeros(300)})  # two rows of 128 and a row of 44
+    for position in (5, 200, 290):  # in the first row, the second, the last
+        values = torch.ones(300)
+        values[position] = float("nan") if position != 200 else float("inf")
+        before = state["params"]["w"].clone()
+        fe.update_(state, {"w": values}, 0.5)
+        after = state["params"]["w"]
+        assert after[position] == before[position]
+        keep = torch.arange(300) != position
+        assert torch.equal(after[keep], before[keep] - (before[keep] - 1.0) * 0.5)
+    assert int(state["nonfinite"]) == 3
+    fe.update_(state, {"w": torch.ones(300)}, 0.5)
+    assert int(state["nonfinite"]) == 3
 
 
 def test_plans_pick_the_expected_paths() -> None:
@@ -165,6 +223,22 @@ def test_flattened_model_uses_regions_and_keeps_bits() -> None:
     assert len(plan.regions) == 1
     assert not plan.leaves
     assert not plan.gathers
+    # The buffers (BatchNorm's float statistics; its int64 count) are one copy per dtype.
+    assert len(plan.regions_copied) == 2
+    assert not plan.copies[0]
+
+
+def test_flattened_buffers_with_a_frozen_parameter_are_one_copy() -> None:
+    model = _mlp()
+    model[0].bias.requires_grad_(False)  # copied with the buffers, sorted by name with them
+    fe.flatten_parameters_(model)
+    ema = fe.EMA(model, 0.9)
+    _train(model, ema, 3)
+    plan = ema._prepare().plan
+    assert plan is not None
+    assert len(plan.regions_copied) == 2 and not plan.copies[0]
+    assert torch.equal(ema.state()["buffers"]["0.bias"], model[0].bias.detach())
+    assert torch.equal(ema.state()["buffers"]["1.running_mean"], model[1].running_mean)
 
 
 def test_cached_plan_follows_replaced_storage() -> None:
