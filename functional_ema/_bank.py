@@ -11,6 +11,7 @@ from torch import Tensor
 
 from functional_ema._core import average_leaf, check_policy, raise_if_nonfinite
 from functional_ema._decay import averaging_weight, check_decay, weight_as
+from functional_ema._engine import fast_path_ok, update_bank_leaf_
 from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, is_inexact
 from functional_ema._types import NonFinite, T, TensorTree
 
@@ -92,10 +93,21 @@ def _ema_update_bank(
             cache[key] = cast.to(leaf.device).view(size, *([1] * (leaf.ndim - 1)))
         return cache[key]
 
-    new = [
-        average_leaf(s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, flags=flags)
-        for s, p in zip(shadow_leaves, params_leaves, strict=True)
-    ]
+    engine = inplace and fast_path_ok(*shadow_leaves, *params_leaves)
+    new = []
+    for s, p in zip(shadow_leaves, params_leaves, strict=True):
+        if engine and is_inexact(s) and s.numel():
+            leaf_flags = update_bank_leaf_(s, p, weight_for(s), mask=flags is not None)
+            if leaf_flags is not None:  # the bank kernel ran
+                if flags is not None:
+                    flags.extend(leaf_flags)
+                new.append(s)
+                continue
+        new.append(
+            average_leaf(
+                s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, flags=flags
+            )
+        )
     return shadows if inplace else cast(T, optree.tree_unflatten(spec, new))
 
 

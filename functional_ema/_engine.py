@@ -117,6 +117,20 @@ def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor
     return [row_ok.all()]
 
 
+def _bank_kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
+    """K averages at once: ``shadow`` (K, M), ``value`` (1, M), ``weight`` (K, 1)."""
+    shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
+    return [weight]
+
+
+def _bank_kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
+    """:func:`_bank_kernel` leaving non-finite values out; returns the "all finite" flag."""
+    value = value.to(shadow.dtype)
+    kept = torch.where(torch.isfinite(value), value, shadow)
+    shadow.sub_((shadow - kept) * weight)
+    return [torch.isfinite(value.to(_sum_dtype(value.dtype)).sum())]
+
+
 Kernel = Callable[[Tensor, Tensor, Tensor], list[Tensor]]
 
 
@@ -167,14 +181,17 @@ class _Compiled:
         self._kernels: dict[tuple[Any, ...], Kernel] = {}
         self._lock = threading.Lock()
 
-    def kernel(self, shadow: Tensor, value: Tensor, *, mask: bool) -> Kernel | None:
+    def kernel(
+        self, shadow: Tensor, value: Tensor, *, mask: bool, bank: bool = False
+    ) -> Kernel | None:
         """The kernel for these tensors; ``None`` means: use the eager path.
 
         ``None`` when compiling is disabled or failed, or for a device without Inductor.
+        ``bank``: the kernel for K averages of one value (see :func:`update_bank_leaf_`).
         """
         if not self.enabled or shadow.device.type not in ("cpu", "cuda"):
             return None
-        key = (mask, shadow.device.type, shadow.dtype, value.dtype)
+        key = (mask, shadow.device.type, shadow.dtype, value.dtype, bank)
         found = self._kernels.get(key)
         if found is not None:
             return found
@@ -184,14 +201,23 @@ class _Compiled:
             return self._kernels.get(key)
 
     def _build(self, key: tuple[Any, ...], shadow: Tensor, value: Tensor) -> None:
-        fn = _kernel_masked if key[0] else _kernel
+        mask, bank = key[0], key[-1]
         device = shadow.device
         # Shapes as the kernel will mostly see (Inductor tunes its loops to them).
-        examples = (
-            torch.zeros(64, ROW, dtype=shadow.dtype, device=device),
-            torch.zeros(64, ROW, dtype=value.dtype, device=device),
-            torch.zeros((), dtype=shadow.dtype, device=device),
-        )
+        if bank:
+            fn = _bank_kernel_masked if mask else _bank_kernel
+            examples = (
+                torch.zeros(4, 64 * ROW, dtype=shadow.dtype, device=device),
+                torch.zeros(1, 64 * ROW, dtype=value.dtype, device=device),
+                torch.zeros(4, 1, dtype=shadow.dtype, device=device),
+            )
+        else:
+            fn = _kernel_masked if mask else _kernel
+            examples = (
+                torch.zeros(64, ROW, dtype=shadow.dtype, device=device),
+                torch.zeros(64, ROW, dtype=value.dtype, device=device),
+                torch.zeros((), dtype=shadow.dtype, device=device),
+            )
         errors = []
         with torch.no_grad():
             for build in (_standalone, _dynamo):
@@ -227,6 +253,28 @@ def _rows(shadow: Tensor, value: Tensor) -> list[tuple[Tensor, Tensor]]:
     if full < numel:
         blocks.append((shadow[full:].view(1, -1), value[full:].view(1, -1)))
     return blocks
+
+
+def update_bank_leaf_(
+    shadow: Tensor, value: Tensor, weight: Tensor, *, mask: bool
+) -> list[Tensor] | None:
+    """K averages of one value in place: ``shadow`` (K, *shape), ``value`` (*shape).
+
+    ``weight`` holds the K weights, shape (K, 1, ...) in ``shadow``'s dtype. Row ``k`` gets
+    exactly TF's update with ``weight[k]``; the value is read once for all K rows of a
+    column. Returns the "all finite" flags (with ``mask``), or ``None`` when the kernel is
+    not available for these tensors (use the per-leaf path).
+    """
+    if not (shadow.is_contiguous() and value.is_contiguous()) or shadow.is_complex():
+        return None
+    if shadow.numel() < COMPILE_FROM:
+        return None
+    kernel = compiled.kernel(shadow, value, mask=mask, bank=True)
+    if kernel is None:
+        return None
+    size = shadow.shape[0]
+    out = kernel(shadow.view(size, -1), value.view(1, -1), weight.reshape(size, 1))
+    return out if mask else []
 
 
 def update_region_(

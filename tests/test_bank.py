@@ -8,6 +8,7 @@ import torch
 from conftest import assert_bits_equal, snapshot
 
 import functional_ema as fe
+from functional_ema import _engine
 
 
 def _tree(dtype: torch.dtype = torch.float32) -> dict:
@@ -19,8 +20,16 @@ def _tree(dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
+@pytest.mark.parametrize(
+    "kernel", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "kernel"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_bank_rows_equal_separate_updates(dtype: torch.dtype) -> None:
+def test_bank_rows_equal_separate_updates(
+    dtype: torch.dtype, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel:  # the in-place bank runs the engine's bank kernel on every leaf
+        monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine.compiled, "enabled", True)
     params = _tree(dtype)
     decays = [0.0, 0.9, 0.999, 1.0]
     shadows = fe.bank(params, len(decays))
@@ -37,6 +46,14 @@ def test_bank_rows_equal_separate_updates(dtype: torch.dtype) -> None:
         singles = [fe.ema_update(s, params, d) for s, d in zip(singles, decays, strict=True)]
     for k, single in enumerate(singles):
         assert_bits_equal(optree.tree_map(lambda t, k=k: t[k], shadows), single)
+    if kernel:
+        assert _engine.compiled.enabled
+        bad = optree.tree_map(torch.clone, params)
+        bad["w"][1, 2] = float("nan")
+        before = optree.tree_map(torch.clone, shadows)
+        fe.ema_update_bank_(shadows, bad, decays)
+        assert torch.equal(shadows["w"][:, 1, 2], before["w"][:, 1, 2])  # left out, every row
+        assert_bits_equal(shadows, fe.ema_update_bank(before, bad, decays))
 
 
 def test_bank_with_power_profiles_and_wide_dtype() -> None:
