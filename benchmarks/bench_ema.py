@@ -86,8 +86,8 @@ def _small() -> nn.Module:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet50": ModelSpec("ResNet-50 (fp32)", _resnet50, torch.float32, 10),
-    "vit_b_16": ModelSpec("ViT-B/16 (fp32)", _vit_b_16, torch.float32, 5),
+    "resnet50": ModelSpec("ResNet-50 (fp32)", _resnet50, torch.float32, 25),
+    "vit_b_16": ModelSpec("ViT-B/16 (fp32)", _vit_b_16, torch.float32, 8),
     "small": ModelSpec(
         "2000 x Linear(16,16): 4000 small tensors (fp32)", _small, torch.float32, 20
     ),
@@ -95,7 +95,7 @@ MODELS: dict[str, ModelSpec] = {
         "ResNet-50 in bfloat16 (fp32 averages where the library allows)",
         _resnet50,
         torch.bfloat16,
-        10,
+        25,
     ),
 }
 BANK_KEY = "bank"
