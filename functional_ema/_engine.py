@@ -3,12 +3,15 @@
 The arithmetic is the leaf routine's, ``shadow - (shadow - value) * w`` with every operation
 rounded in the shadow's dtype. What this module adds is how it is evaluated in place:
 
-- over **contiguous regions**, in chunks that stay in cache with a small reusable scratch
-  buffer (no full-size temporary), or as one compiled kernel (``torch.compile``) that reads
-  ``shadow`` and ``value`` once and writes ``shadow`` once;
+- over **contiguous regions**, by a kernel that Inductor compiles once for every size
+  (``torch._inductor.standalone_compile``; ``torch.compile`` as the fallback): it reads
+  ``shadow`` and ``value`` once, writes ``shadow`` once and, with ``nonfinite="skip"``, checks
+  each row of 128 values in the same pass; else in cache-sized eager chunks through a small
+  scratch buffer (no full-size temporary);
 - over **many tensors at once**: when a group of leaves are adjacent views of one buffer (the
   layout ``init`` gives averages and :func:`flatten_parameters_` gives a model), the group is one
-  region; small scattered values are gathered into the scratch with one ``torch.cat``.
+  region; otherwise large values are regions of their own against their slice of the averages
+  and runs of small ones are copied into a gather buffer first (``torch._foreach_copy_``).
 
 Plans are built once per validated pairing of tensors and can be re-run (the adapter caches
 its plan while the model's tensors stay the same).
@@ -277,23 +280,14 @@ def update_bank_leaf_(
     return out if mask else []
 
 
-def update_region_(
-    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool = False
-) -> list[Tensor]:
-    """In place, TF order, over 1-D contiguous ``shadow`` and ``value`` of equal length.
-
-    ``weight`` is already cast to ``shadow.dtype``. ``value`` may be narrower (promoted
-    exactly). Peak extra memory: one chunk, not a full-size temporary. With ``mask``,
-    non-finite values leave their average unchanged and 0-dim "all finite" flags (on the
-    device, never read here) are returned.
-    """
-    return _Region(shadow, value).run(weight, mask=mask)
-
-
 def _eager_region_(
     shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
 ) -> Tensor | None:
-    """The eager path of :func:`update_region_`: cache-sized chunks through a scratch buffer."""
+    """A region in place without the kernel: cache-sized chunks through a scratch buffer.
+
+    ``value`` may be narrower (promoted exactly per chunk). Peak extra memory: one chunk, not
+    a full-size temporary. With ``mask``, returns the 0-dim "all finite" flag.
+    """
     numel = shadow.numel()
     chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
