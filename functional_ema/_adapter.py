@@ -17,7 +17,6 @@ from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
 from functional_ema._distributed import (
     check_sharded,
-    data_ptrs,
     fsdp_modules,
     pack,
     reject_fsdp,
@@ -26,6 +25,7 @@ from functional_ema._distributed import (
 from functional_ema._module import apply, check_unwrapped, module_state
 from functional_ema._schedules import tf_warmup
 from functional_ema._state import BufferPolicy, EmaState, Prepared, init, prepare
+from functional_ema._storage import StorageGuard
 from functional_ema._tree import check_pair
 from functional_ema._types import Decay, NonFinite, Schedule
 
@@ -154,7 +154,7 @@ class EMA(nn.Module):
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._swapped = False
-        self._prepared: tuple[int, list[Tensor], list[int], Prepared] | None = None
+        self._prepared: tuple[int, StorageGuard, Prepared] | None = None
         _watch_registrations()
         self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
@@ -223,24 +223,21 @@ class EMA(nn.Module):
         """The validated update from the live model, cached while the model is unchanged.
 
         The cache holds while no module of the model registered a parameter, buffer or
-        submodule and every parameter and buffer still has the same storage: checks that read
-        one pointer per tensor.
+        submodule and every parameter and buffer keeps its storage (a :class:`StorageGuard`:
+        one pointer per tensor, or one reference count per buffer that
+        :func:`flatten_parameters_` laid out).
         """
         model = self._model
         if self._prepared is not None:
-            generation, live, pointers, prepared = self._prepared
-            if generation == _registrations[0] and data_ptrs(live) == pointers:
+            generation, guard, prepared = self._prepared
+            if generation == _registrations[0] and guard.holds():
                 return prepared
-        _tracked.update(model.modules())
+        modules = list(model.modules())
+        _tracked.update(modules)
         params, buffers = self._module_state(model)
         prepared = prepare("update_", self.state(), params, buffers, self.buffer_policy)
         live = [*model.parameters(), *model.buffers()]
-        self._prepared = (
-            _registrations[0],
-            live,
-            data_ptrs(live),
-            prepared,
-        )
+        self._prepared = (_registrations[0], StorageGuard(modules, live), prepared)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMA:

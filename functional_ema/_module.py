@@ -17,6 +17,7 @@ from functional_ema._distributed import (
 )
 from functional_ema._engine import pack
 from functional_ema._errors import prefix_hint, short_list
+from functional_ema._storage import register_layout
 from functional_ema._types import Buffers, Params
 
 
@@ -180,9 +181,12 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
     optimizer**. Safe with ordinary training, gradient clipping, ``state_dict`` /
     ``load_state_dict`` (which copy in place) and DDP wrapped afterwards. Undone by anything
     that replaces parameter storage: ``model.to(...)``, ``.half()``, ``.cuda()`` (call it again
-    afterwards), FSDP (which manages parameter storage itself), and parametrizations or weight
-    norm added later. Nothing breaks if the layout is undone: the EMA detects it and takes its
-    per-tensor path.
+    afterwards), ``p.data = ...``, FSDP (which manages parameter storage itself), and
+    parametrizations or weight norm added later. Nothing breaks if the layout is undone: the
+    EMA notices it (each buffer's reference count drops; it watches the buffer, not each
+    tensor) and takes its per-tensor path. It does not notice a flattened tensor pointed at
+    another part of the same buffer (``p.data = q.data``): tie weights before flattening, by
+    assignment (``decoder.weight = encoder.weight``).
 
     Args:
         module: The model (not a DDP or ``torch.compile`` wrapper).
@@ -226,6 +230,8 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         key=lambda item: item[0],
     )
     ordered = trainable + [t for _, t in held]
-    for tensor, view in zip(ordered, pack(ordered), strict=True):
+    views = pack(ordered)
+    for tensor, view in zip(ordered, views, strict=True):
         tensor.data = view
+    register_layout(module, views)
     return module
