@@ -446,6 +446,9 @@ class Plan:
     leaves: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
     regions_copied: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    _weights: dict[tuple[torch.dtype, torch.device], tuple[float, Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     def merged(self, other: Plan) -> Plan:
         """One plan doing the work of both."""
@@ -471,7 +474,7 @@ class Plan:
         for part in parts:
             key = (part.shadow.dtype, part.shadow.device)
             if key not in weights:  # one 0-dim weight per dtype and device, for every part
-                weights[key] = torch.as_tensor(weight_for(key[0]), dtype=key[0], device=key[1])
+                weights[key] = self._weight(weight_for(key[0]), key)
             flags.extend(part.run(weights[key], mask=mask))
         for shadow, value in self.leaves:
             flag = _update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask)
@@ -482,6 +485,20 @@ class Plan:
         if self.copies[0]:
             torch._foreach_copy_(self.copies[0], self.copies[1])
         return flags
+
+    def _weight(self, weight: float | Tensor, key: tuple[torch.dtype, torch.device]) -> Tensor:
+        """``weight`` as a 0-dim tensor of ``key``'s dtype and device.
+
+        The tensor made for a Python weight is kept for the next update with the same weight
+        (a constant decay): no new tensor, and no host-to-device copy, per update.
+        """
+        if isinstance(weight, Tensor):
+            return torch.as_tensor(weight, dtype=key[0], device=key[1])
+        held = self._weights.get(key)
+        if held is None or held[0] != weight:
+            held = (weight, torch.as_tensor(weight, dtype=key[0], device=key[1]))
+            self._weights[key] = held
+        return held[1]
 
 
 def _update_leaf_(

@@ -369,7 +369,12 @@ def _count_nonfinite(counter: Tensor, flags: list[Tensor], *, inplace: bool) -> 
     """Add 1 to ``counter`` if any "all finite" flag is false, on the device (no sync)."""
     if not flags:
         return counter if inplace else counter.clone()
-    seen = ~torch.stack([flag.to(counter.device) for flag in flags]).all()
+    flag = (
+        flags[0].to(counter.device)
+        if len(flags) == 1
+        else torch.stack([flag.to(counter.device) for flag in flags]).all()
+    )
+    seen = ~flag
     return counter.add_(seen) if inplace else counter + seen
 
 

@@ -311,3 +311,18 @@ def test_to_keeps_the_averages_one_region() -> None:
     model.double()
     ema.update()
     assert ema.state()["params"]["0.weight"].dtype == torch.float64
+
+
+def test_constant_weight_tensor_is_kept_between_updates() -> None:
+    shadow, value = torch.zeros(2048), torch.ones(2048)
+    plan = _engine.build_plan([(shadow, value)], [])
+    key = (torch.float32, shadow.device)
+    first = plan._weight(0.25, key)
+    assert plan._weight(0.25, key) is first  # a constant decay: no new tensor per update
+    changed = plan._weight(0.5, key)
+    assert changed is not first and changed.item() == 0.5 and first.item() == 0.25
+    tensor_weight = torch.tensor(0.125, dtype=torch.float64)
+    assert plan._weight(tensor_weight, key).dtype == torch.float32
+    plan.run(lambda dtype: 0.5)
+    plan.run(lambda dtype: 0.25)  # the weight changed between updates: the new one is used
+    assert_bits_equal(shadow, (torch.zeros(2048) - (0 - 1.0) * 0.5) - ((0.5 - 1.0) * 0.25))
