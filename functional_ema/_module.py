@@ -184,9 +184,11 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
     afterwards), ``p.data = ...``, FSDP (which manages parameter storage itself), and
     parametrizations or weight norm added later. Nothing breaks if the layout is undone: the
     EMA notices it (each buffer's reference count drops; it watches the buffer, not each
-    tensor) and takes its per-tensor path. It does not notice a flattened tensor pointed at
-    another part of the same buffer (``p.data = q.data``): tie weights before flattening, by
-    assignment (``decoder.weight = encoder.weight``).
+    tensor) and takes its per-tensor path. The count cannot tell which tensors hold the
+    references, so it misses a flattened tensor pointed at another part of the same buffer
+    (``p.data = q.data``: tie weights before flattening, by assignment,
+    ``decoder.weight = encoder.weight``) and a tensor moved out while a new view of the
+    buffer is kept, between two updates.
 
     Args:
         module: The model (not a DDP or ``torch.compile`` wrapper).
