@@ -41,9 +41,8 @@ def _use_count(storage: torch.UntypedStorage) -> int:
 
 def register_layout(module: nn.Module, views: Iterable[Tensor]) -> None:
     """Record the buffers ``views`` (the module's tensors, just laid out) live in."""
-    keys = {key for key in map(_key, views) if key is not None}
-    if hasattr(torch._C, "_storage_Use_Count"):
-        _laid_out[module] = keys
+    if hasattr(torch._C, "_storage_Use_Count"):  # else every tensor is watched by pointer
+        _laid_out[module] = {key for key in map(_key, views) if key is not None}
 
 
 class StorageGuard:
@@ -54,9 +53,10 @@ class StorageGuard:
 
     A reference count moves with views made or dropped too (an autograd graph alive during
     the update, a view the caller keeps): then every pointer is read and, if none moved, the
-    new counts are the reference. What a count cannot see is a tensor re-pointed into the
-    same buffer (``p.data = q.data`` on two flattened parameters), which takes one reference
-    and drops one; :func:`flatten_parameters_` documents it.
+    new counts are the reference. What a count cannot see is a change that takes one
+    reference as it drops one: a tensor re-pointed into the same buffer (``p.data = q.data``
+    on two flattened parameters), or a tensor moved out while a new view of the buffer is
+    kept; :func:`flatten_parameters_` documents it.
     """
 
     def __init__(self, modules: Iterable[nn.Module], tensors: Sequence[Tensor]) -> None:
