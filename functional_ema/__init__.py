@@ -9,16 +9,14 @@ from functional_ema._adapter import EMA as EMA
 from functional_ema._bank import bank as bank
 from functional_ema._bank import ema_update_bank as ema_update_bank
 from functional_ema._bank import ema_update_bank_ as ema_update_bank_
-from functional_ema._checkpoint import check_state as check_state
-from functional_ema._checkpoint import load as load
-from functional_ema._checkpoint import save as save
 from functional_ema._core import ema_update as ema_update
 from functional_ema._core import ema_update_ as ema_update_
 from functional_ema._decay import tf_decay as tf_decay
-from functional_ema._distributed import full_state_dict as full_state_dict
-from functional_ema._distributed import swapped as swapped
+from functional_ema._io import load as load
+from functional_ema._io import save as save
 from functional_ema._module import apply as apply
 from functional_ema._module import flatten_parameters_ as flatten_parameters_
+from functional_ema._module import full_state_dict as full_state_dict
 from functional_ema._module import module_state as module_state
 from functional_ema._posthoc import PostHocState as PostHocState
 from functional_ema._posthoc import Reconstruction as Reconstruction
@@ -28,6 +26,7 @@ from functional_ema._posthoc import posthoc_coefficients as posthoc_coefficients
 from functional_ema._posthoc import posthoc_init as posthoc_init
 from functional_ema._posthoc import posthoc_update_ as posthoc_update_
 from functional_ema._posthoc import reconstruct as reconstruct
+from functional_ema._restore import check_state as check_state
 from functional_ema._schedules import constant as constant
 from functional_ema._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
 from functional_ema._schedules import half_life as half_life
@@ -38,8 +37,9 @@ from functional_ema._schedules import warmup as warmup
 from functional_ema._state import EmaState as EmaState
 from functional_ema._state import average as average
 from functional_ema._state import init as init
-from functional_ema._state import update as update
-from functional_ema._state import update_ as update_
+from functional_ema._swap import swapped as swapped
+from functional_ema._update import update as update
+from functional_ema._update import update_ as update_
 
 
 try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -11,23 +10,25 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
-from functional_ema._checkpoint import SwapGuard, check_state_dict
 from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
-from functional_ema._distributed import (
-    check_sharded,
-    fsdp_modules,
-    pack,
-    reject_fsdp,
-    reshard,
-)
-from functional_ema._module import apply, check_unwrapped, module_state
+from functional_ema._engine import pack
+from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
+from functional_ema._module import apply, check_unwrapped, module_state, module_with
+from functional_ema._restore import check_state_dict
 from functional_ema._schedules import tf_warmup
-from functional_ema._state import BufferPolicy, EmaState, Prepared, init, prepare
+from functional_ema._state import EmaState, init
 from functional_ema._storage import StorageGuard
+from functional_ema._swap import swap_in
 from functional_ema._tree import check_pair
-from functional_ema._types import Decay, NonFinite, Schedule
+from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule
+from functional_ema._update import Bound, apply_, check_buffer_policy, validate
 
 
 _registrations = [0]
@@ -48,11 +49,9 @@ def _watch_registrations() -> None:
     """Install the global registration hooks once (they only increment a counter)."""
     if getattr(_watch_registrations, "installed", False):
         return
-    from torch.nn.modules import module as module_hooks
-
-    module_hooks.register_module_parameter_registration_hook(_count_registration)
-    module_hooks.register_module_buffer_registration_hook(_count_registration)
-    module_hooks.register_module_module_registration_hook(_count_registration)
+    register_module_parameter_registration_hook(_count_registration)
+    register_module_buffer_registration_hook(_count_registration)
+    register_module_module_registration_hook(_count_registration)
     _watch_registrations.installed = True  # type: ignore[attr-defined]
 
 
@@ -137,10 +136,7 @@ class EMA(nn.Module):
                 f"{api}: `use_num_updates` at 'decay': expected a constant decay, got the schedule "
                 f"{decay!r}. Pass the schedule alone, or fe.tf_warmup(decay) as the schedule."
             )
-        if buffer_policy not in ("copy", "average"):
-            raise ValueError(
-                f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
-            )
+        check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
         params, buffers = module_state(model)
         state = init(params, buffers, dtype=dtype)
@@ -154,11 +150,11 @@ class EMA(nn.Module):
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._swapped = False
-        self._prepared: tuple[int, StorageGuard, Prepared] | None = None
+        self._bound: tuple[int, StorageGuard, Bound] | None = None
         _watch_registrations()
         self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
-        self.register_buffer("nonfinite_updates", state["nonfinite"])
+        self.register_buffer("nonfinite_updates", state["nonfinite_updates"])
         self.averages = nn.Module()
         _register_tree(self.averages, {**state["params"], **state["buffers"]})
         self.train(model.training)
@@ -173,7 +169,7 @@ class EMA(nn.Module):
         held = dict(self.averages.named_buffers())
         return {
             "step": self.step,
-            "nonfinite": self.nonfinite_updates,
+            "nonfinite_updates": self.nonfinite_updates,
             "params": {name: held[name] for name in self._param_names},
             "buffers": {name: held[name] for name in self._buffer_names},
         }
@@ -217,9 +213,9 @@ class EMA(nn.Module):
             return
         if self._fsdp:
             check_sharded("EMA.update", self._model)
-        self._prepare().run(self.decay, dt, self.nonfinite)
+        apply_(self._validated(), self.decay, dt, self.nonfinite)
 
-    def _prepare(self) -> Prepared:
+    def _validated(self) -> Bound:
         """The validated update from the live model, cached while the model is unchanged.
 
         The cache holds while no module of the model registered a parameter, buffer or
@@ -228,22 +224,22 @@ class EMA(nn.Module):
         :func:`flatten_parameters_` laid out).
         """
         model = self._model
-        if self._prepared is not None:
-            generation, guard, prepared = self._prepared
+        if self._bound is not None:
+            generation, guard, bound = self._bound
             if generation == _registrations[0] and guard.holds():
-                return prepared
+                return bound
         modules = list(model.modules())
         _tracked.update(modules)
         params, buffers = self._module_state(model)
-        prepared = prepare("update_", self.state(), params, buffers, self.buffer_policy)
+        bound = validate("update_", self.state(), params, buffers, self.buffer_policy)
         live = [*model.parameters(), *model.buffers()]
-        self._prepared = (_registrations[0], StorageGuard(modules, live), prepared)
-        return prepared
+        self._bound = (_registrations[0], StorageGuard(modules, live), bound)
+        return bound
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMA:
         """``.to()``, ``.cuda()``, ``.half()``...: convert, then lay the averages out again."""
         super()._apply(fn, recurse)
-        self._prepared = None
+        self._bound = None
         state = self.state()
         for group in (state["params"], state["buffers"]):  # as init lays them out
             names = sorted(group)  # optree's dict order, which the engine follows
@@ -333,24 +329,12 @@ class EMA(nn.Module):
             raise RuntimeError("EMA.swap: already inside `with ema.swap():`; do not nest it.")
         reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
         params, buffers = self._averages_for(self._model)
-        live_params, live_buffers = self._module_state(self._model)
-        live = {**live_params, **live_buffers}
-        averages = {**params, **buffers}
-        backup = {name: tensor.clone() for name, tensor in live.items()}
-        guard = SwapGuard(self._model)
-        try:
-            with torch.no_grad():
-                for name, tensor in live.items():
-                    tensor.copy_(averages[name])
+        with swap_in("EMA.swap", self._model, params, buffers) as model:
             self._swapped = True
-            yield self._model
-        finally:
-            with torch.no_grad():
-                for name, tensor in live.items():
-                    tensor.copy_(backup[name])
-            reshard(self._model)  # FSDP2: no gathered average outlives the block
-            self._swapped = False
-            guard.remove()
+            try:
+                yield model
+            finally:
+                self._swapped = False
 
     @property
     def shadow(self) -> nn.Module:
@@ -370,13 +354,7 @@ class EMA(nn.Module):
             "ema.state()['buffers']) on every rank and load them into a plain model.",
         )
         params, buffers = self._averages_for(self._model)
-        values = {**params, **buffers}
-        memo: dict[int, Any] = {}
-        for name, tensor in self._model.named_parameters():
-            memo[id(tensor)] = nn.Parameter(values[name].clone(), requires_grad=False)
-        for name, buffer in self._model.named_buffers():
-            memo[id(buffer)] = values[name].clone()
-        return copy.deepcopy(self._model, memo).eval()
+        return module_with(self._model, {**params, **buffers})
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -395,5 +373,5 @@ class EMA(nn.Module):
         state_dict = check_state_dict(
             "EMA.load_state_dict", state_dict, self.state_dict(keep_vars=True), strict=strict
         )
-        self._prepared = None
+        self._bound = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -9,10 +9,11 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._core import average_leaf, check_policy, raise_if_nonfinite
+from functional_ema._arith import average_leaf, is_inexact
+from functional_ema._core import check_policy, raise_if_nonfinite
 from functional_ema._decay import averaging_weight, check_decay, weight_as
 from functional_ema._engine import fast_path_ok, update_bank_leaf_
-from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, is_inexact
+from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves
 from functional_ema._types import NonFinite, T, TensorTree
 
 
@@ -105,7 +106,7 @@ def _ema_update_bank(
                 continue
         new.append(
             average_leaf(
-                s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, flags=flags
+                s, p, weight_for(s) if is_inexact(s) else 0.0, inplace=inplace, finite_flags=flags
             )
         )
     return shadows if inplace else cast(T, optree.tree_unflatten(spec, new))

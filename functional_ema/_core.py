@@ -1,4 +1,8 @@
-"""The EMA leaf routine and the pure and in-place tree updates built on it."""
+"""``ema_update`` / ``ema_update_``: the TF step over any pytree, pure and in place.
+
+Shared by the state, bank and adapter paths: the per-call weight cache, the non-finite
+policy check and the ``nonfinite="raise"`` check.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +12,12 @@ import optree
 import torch
 from torch import Tensor
 
+from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, weight_as
-from functional_ema._distributed import localize, rewrap
-from functional_ema._engine import Plan, build_plan, fast_path_ok, masked_value
-from functional_ema._tree import check_pair, is_inexact, leaf_paths
+from functional_ema._dtensor import localize, rewrap
+from functional_ema._engine import build_plan, fast_path_ok
+from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
-
-
-def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
-    """Copy ``value`` into ``shadow`` (in place) or return a copy of it shaped like ``shadow``.
-
-    ``value`` broadcasts to ``shadow`` (a bank holds one row per decay).
-    """
-    if inplace:
-        return shadow.copy_(value)
-    return value.clone() if value.shape == shadow.shape else value.expand(shadow.shape).clone()
-
-
-def average_leaf(
-    shadow: Tensor,
-    value: Tensor,
-    weight: float | Tensor,
-    *,
-    inplace: bool,
-    flags: list[Tensor] | None = None,
-) -> Tensor:
-    """TF's ``shadow - (shadow - value) * weight``, each operation rounded in the leaf dtype.
-
-    ``weight`` is already cast to ``shadow.dtype`` (see ``weight_as``). Integer and bool
-    leaves are copied. ``value`` in another floating dtype is first cast to ``shadow``'s, so
-    a wide shadow averages a narrow model exactly in the wide dtype. With a ``flags`` list,
-    non-finite values leave their averages unchanged and the leaf's 0-dim "all finite" flag
-    is appended (``nonfinite="skip"``).
-    """
-    if not is_inexact(shadow):
-        return copy_leaf(shadow, value, inplace=inplace)
-    if flags is not None:
-        value, finite = masked_value(shadow, value)
-        flags.append(finite)
-    elif value.dtype != shadow.dtype:
-        value = value.to(shadow.dtype)
-    step = (shadow - value) * weight
-    return shadow.sub_(step) if inplace else shadow - step
 
 
 class WeightCache:
@@ -65,14 +33,12 @@ class WeightCache:
         return self._by_dtype[dtype]
 
 
-def engine_plan(pairs: list[tuple[Tensor, Tensor]], *, copy: bool) -> Plan:
-    """The engine's plan for validated ``(shadow, value)`` pairs.
-
-    Floating pairs are averaged (copied when ``copy``), other pairs copied.
-    """
-    averaged = [] if copy else [(s, v) for s, v in pairs if is_inexact(s)]
-    copied = pairs if copy else [(s, v) for s, v in pairs if not is_inexact(s)]
-    return build_plan(averaged, copied)
+def split_by_kind(
+    pairs: list[tuple[Tensor, Tensor]],
+) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+    """Validated ``(shadow, value)`` pairs split into floating ones (averaged) and the rest."""
+    averaged = [(s, v) for s, v in pairs if is_inexact(s)]
+    return averaged, [(s, v) for s, v in pairs if not is_inexact(s)]
 
 
 def check_policy(api: str, nonfinite: object) -> None:
@@ -106,7 +72,7 @@ def _ema_update(
     check_policy(api, nonfinite)
     shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
     # DTensor pairs update their local shards: shard-local, no collective.
-    shadow_leaves, params_leaves, likes = localize(
+    shadow_leaves, params_leaves, templates = localize(
         api, shadow, shadow_leaves, params_leaves, ("shadow", "params")
     )
     if nonfinite == "raise":
@@ -114,15 +80,16 @@ def _ema_update(
     mask = nonfinite == "skip"
     weights = WeightCache(decay)
     if inplace and fast_path_ok(*shadow_leaves, *params_leaves):
-        pairs = list(zip(shadow_leaves, params_leaves, strict=True))
-        engine_plan(pairs, copy=False).run(weights, mask=mask)
+        build_plan(*split_by_kind(list(zip(shadow_leaves, params_leaves, strict=True)))).run(
+            weights, mask=mask
+        )
         return shadow
     flags: list[Tensor] | None = [] if mask else None
     new = [
-        average_leaf(s, p, weights(s.dtype), inplace=inplace, flags=flags)
+        average_leaf(s, p, weights(s.dtype), inplace=inplace, finite_flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
-    return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(likes, new)))
+    return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(templates, new)))
 
 
 def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
@@ -176,7 +143,7 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
 def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
     r"""In-place twin of :func:`ema_update`: update ``shadow``'s tensors and return ``shadow``.
 
-    Same leaf routine and bits as :func:`ema_update`; runs under ``torch.no_grad()``. Every
+    Same TF step and bits as :func:`ema_update`; runs under ``torch.no_grad()``. Every
     check runs before the first tensor is written, so a failed call leaves ``shadow`` as it
     was.
 

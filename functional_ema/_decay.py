@@ -1,4 +1,4 @@
-"""Decay validation, TensorFlow's float32 averaging weight and its ``num_updates`` warmup."""
+"""Decays and intervals: validation, TF's float32 averaging weight, ``num_updates`` warmup."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import struct
 import torch
 from torch import Tensor
 
-from functional_ema._types import Decay
+from functional_ema._compat import is_functorch_wrapped
+from functional_ema._types import Decay, Schedule
 
 
 def _float32(value: float) -> float:
@@ -20,7 +21,7 @@ def _host_readable(tensor: Tensor) -> bool:
     return (
         tensor.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        and not is_functorch_wrapped(tensor)
     )
 
 
@@ -154,3 +155,42 @@ def tf_decay(decay: Decay, num_updates: int | Tensor) -> Tensor:
     else:
         count32 = torch.tensor(count, dtype=torch.int64, device=device).to(torch.float32)
     return torch.minimum(decay32, (1.0 + count32) / (10.0 + count32))
+
+
+def check_interval(api: str, dt: object) -> int | Tensor:
+    """Validate the number of steps an update covers: an int >= 1 or a 0-dim int tensor."""
+    if isinstance(dt, Tensor):
+        if dt.ndim != 0 or dt.is_floating_point() or dt.is_complex() or dt.dtype == torch.bool:
+            raise TypeError(
+                f"{api}: `dt` must be an int or a 0-dim integer tensor, got a tensor of shape "
+                f"{tuple(dt.shape)} and dtype {dt.dtype}. Pass the steps since the last update."
+            )
+        return dt
+    if isinstance(dt, bool) or not isinstance(dt, int):
+        raise TypeError(
+            f"{api}: `dt` must be an int or a 0-dim integer tensor, got "
+            f"{type(dt).__name__} ({dt!r}). Pass the steps since the last update, e.g. dt=1."
+        )
+    if dt < 1:
+        raise ValueError(
+            f"{api}: `dt` must be >= 1, got {dt}. Pass the number of steps since the last "
+            "update (1 when you update every step)."
+        )
+    return dt
+
+
+def resolve_decay(api: str, decay: Decay | Schedule, step: Tensor, dt: int | Tensor) -> Decay:
+    """The decay of an update covering ``(step, step + dt]``.
+
+    A schedule is called as ``schedule(step + dt, dt)``; a constant decay is raised to the
+    power ``dt`` when ``dt != 1`` (so it keeps its per-step meaning), and passed through
+    untouched when ``dt == 1`` (TF's exact value).
+    """
+    if callable(decay) and not isinstance(decay, Tensor):
+        return check_decay(
+            f"{api} (schedule)", decay(step + dt, torch.as_tensor(dt, device=step.device))
+        )
+    decay = check_decay(api, decay)
+    if isinstance(dt, int) and dt == 1:
+        return decay
+    return torch.as_tensor(decay, dtype=torch.float64, device=step.device) ** dt

@@ -1,17 +1,16 @@
 """The in-place update engine: TF-order arithmetic at memory bandwidth.
 
-The arithmetic is the leaf routine's, ``shadow - (shadow - value) * w`` with every operation
-rounded in the shadow's dtype. What this module adds is how it is evaluated in place:
+The arithmetic is :func:`_arith.ema_step`'s. What this module adds is how it is evaluated in
+place:
 
-- over **contiguous regions**, by a kernel that Inductor compiles once for every size
-  (``torch._inductor.standalone_compile``; ``torch.compile`` as the fallback): it reads
-  ``shadow`` and ``value`` once, writes ``shadow`` once and, with ``nonfinite="skip"``, checks
-  each row of 128 values in the same pass; else in cache-sized eager chunks through a small
-  scratch buffer (no full-size temporary);
+- over **contiguous regions**, by a kernel compiled once for every size (``_kernels``): it
+  reads ``shadow`` and ``value`` once, writes ``shadow`` once and, with ``nonfinite="skip"``,
+  checks each row of values in the same pass; else in cache-sized eager chunks (no
+  full-size temporary);
 - over **many tensors at once**: when a group of leaves are adjacent views of one buffer (the
   layout ``init`` gives averages and :func:`flatten_parameters_` gives a model), the group is one
   region; otherwise large values are regions of their own against their slice of the averages
-  and runs of small ones are copied into a gather buffer first (``torch._foreach_copy_``).
+  and runs of small ones are copied into a gather buffer first (one multi-tensor copy).
 
 Plans are built once per validated pairing of tensors and can be re-run (the adapter caches
 its plan while the model's tensors stay the same).
@@ -19,9 +18,7 @@ its plan while the model's tensors stay the same).
 
 from __future__ import annotations
 
-import os
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,218 +26,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from functional_ema._arith import average_leaf, ema_step, keep_finite
+from functional_ema._compat import foreach_copy_, is_functorch_wrapped
+from functional_ema._kernels import ROW, compiled
+
 
 CHUNK = 1 << 20
 """Most elements per chunk of the eager path (4 MiB of float32: stays in cache). Each
-region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the scratch stays a
+region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the temporaries stay a
 small fraction of the averages. Also the most elements gathered into one buffer."""
 
 MIN_CHUNK = 1 << 15
 
 GATHER_BELOW = 1 << 16
 """Values smaller than this (in elements) that are not laid out like their averages are
-copied into a gather buffer (one ``torch._foreach_copy_`` per group) and updated there as one
+copied into a gather buffer (one multi-tensor copy per group) and updated there as one
 region; larger ones are updated where they are, each by its own kernel call."""
 
 COMPILE_FROM = 1 << 10
 """Regions of at least this many elements use the compiled kernel (when available); below
 it the few eager operations cost less than a kernel call."""
 
-ROW = 128
-"""The compiled kernel sees a region as rows of ``ROW`` elements (and one shorter row for
-the rest): with ``nonfinite="skip"`` it sums each row to check it, then updates the row
-while it is still in the L1 cache, so the check costs no extra pass over memory."""
 
 _local = threading.local()
-
-
-def _wrapped(tensor: Tensor) -> bool:
-    """Whether a tensor is seen through a torch.func transform (vmap, grad) or traced."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def fast_path_ok(*tensors: Tensor) -> bool:
     """Whether the engine may work on these tensors (plain tensors, no transform, no trace)."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
-    return not any(_wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter) for t in tensors)
-
-
-def scratch(dtype: torch.dtype, device: torch.device, numel: int, slot: str = "tmp") -> Tensor:
-    """A reusable per-thread buffer of ``numel`` elements (one per slot, dtype and device)."""
-    buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = getattr(_local, "scratch", {})
-    _local.scratch = buffers
-    key = (slot, dtype, device)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        buffers[key] = buf
-    return buf[:numel]
-
-
-# --- the kernels ------------------------------------------------------------------------
-
-
-def masked_value(shadow: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-    """``value`` in ``shadow``'s dtype with NaN/Inf replaced by ``shadow``, and an all-finite flag.
-
-    Where ``value`` is not finite the update becomes ``shadow - (shadow - shadow) * w``, which
-    leaves ``shadow`` unchanged; elsewhere the arithmetic (and TF's bits) are untouched.
-    """
-    value = value.to(shadow.dtype)
-    finite = torch.isfinite(value)
-    return torch.where(finite, value, shadow), finite.all()
-
-
-def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
-    """TF order over rows: ``shadow -= (shadow - value) * weight``, in ``shadow``'s dtype.
-
-    Returns ``[weight]``, ignored: with no output Inductor writes ``shadow`` in a second pass.
-    """
-    shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
-    return [weight]
-
-
-def _kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
-    """:func:`_kernel` leaving non-finite values out; returns the 0-dim "all finite" flag.
-
-    A row's sum is finite exactly when its values are (or, for weights theoretically, when
-    the sum overflows). ``where(row_ok, weight, weight)`` is ``weight``: reading the row's
-    check in the update makes Inductor evaluate both in one loop over each row.
-    """
-    value = value.to(shadow.dtype)
-    summed = value.to(_sum_dtype(value.dtype))  # not sum(dtype=): that is not fused
-    row_ok = torch.isfinite(summed.sum(dim=1, keepdim=True))
-    kept = torch.where(torch.isfinite(value), value, shadow)
-    shadow.sub_((shadow - kept) * torch.where(row_ok, weight, weight))
-    return [row_ok.all()]
-
-
-def _bank_kernel(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
-    """K averages at once: ``shadow`` (K, M), ``value`` (1, M), ``weight`` (K, 1)."""
-    shadow.sub_((shadow - value.to(shadow.dtype)) * weight)
-    return [weight]
-
-
-def _bank_kernel_masked(shadow: Tensor, value: Tensor, weight: Tensor) -> list[Tensor]:
-    """:func:`_bank_kernel` leaving non-finite values out; returns the "all finite" flag."""
-    value = value.to(shadow.dtype)
-    kept = torch.where(torch.isfinite(value), value, shadow)
-    shadow.sub_((shadow - kept) * weight)
-    return [torch.isfinite(value.to(_sum_dtype(value.dtype)).sum())]
-
-
-Kernel = Callable[[Tensor, Tensor, Tensor], list[Tensor]]
-
-
-def _standalone(fn: Kernel, examples: tuple[Tensor, Tensor, Tensor]) -> Kernel:
-    """Inductor's compiled ``fn`` for any number of rows and columns, without Dynamo.
-
-    Traced with symbolic shapes and compiled once by ``torch._inductor.standalone_compile``;
-    a call costs a fraction of a ``torch.compile``'d function's (no frame evaluation or
-    guards), which matters for models updated one tensor at a time.
-    """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    # Traced through a lambda: an annotated function would put its return annotation (a
-    # string) among the graph's globals, which Inductor's cache cannot key on.
-    graph = make_fx(lambda s, v, w: fn(s, v, w), tracing_mode="symbolic")(*examples)
-    for node in graph.graph.nodes:  # what standalone_compile reads the shapes from
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
-    inputs = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
-    # emulate_precision_casts: round every intermediate to the shadow's dtype, as eager (and
-    # TF) do, so bfloat16/float16 averages stay bit-exact.
-    return torch._inductor.standalone_compile(
-        graph,
-        inputs,
-        dynamic_shapes="from_graph",
-        options={"config_patches": {"emulate_precision_casts": True}},
+    return not any(
+        type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors
     )
 
 
-def _dynamo(fn: Kernel, examples: tuple[Tensor, Tensor, Tensor]) -> Kernel:
-    """``torch.compile`` of ``fn`` (the fallback when standalone compiling is unavailable)."""
-    compiled_fn = torch.compile(
-        fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
-    )
-    compiled_fn(*examples)  # compile now, on scratch tensors
-    return compiled_fn
-
-
-class _Compiled:
-    """The compiled kernels, built on first use per (mask, device type, dtypes).
-
-    Built with ``torch._inductor.standalone_compile`` where it works, else ``torch.compile``;
-    if both fail the engine warns once and uses its eager path (same bits, slower).
-    """
-
-    def __init__(self) -> None:
-        self.enabled = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1") != "0"
-        self._kernels: dict[tuple[Any, ...], Kernel] = {}
-        self._lock = threading.Lock()
-
-    def kernel(
-        self, shadow: Tensor, value: Tensor, *, mask: bool, bank: bool = False
-    ) -> Kernel | None:
-        """The kernel for these tensors; ``None`` means: use the eager path.
-
-        ``None`` when compiling is disabled or failed, or for a device without Inductor.
-        ``bank``: the kernel for K averages of one value (see :func:`update_bank_leaf_`).
-        """
-        if not self.enabled or shadow.device.type not in ("cpu", "cuda"):
-            return None
-        key = (mask, shadow.device.type, shadow.dtype, value.dtype, bank)
-        found = self._kernels.get(key)
-        if found is not None:
-            return found
-        with self._lock:
-            if key not in self._kernels and self.enabled:
-                self._build(key, shadow, value)
-            return self._kernels.get(key)
-
-    def _build(self, key: tuple[Any, ...], shadow: Tensor, value: Tensor) -> None:
-        mask, bank = key[0], key[-1]
-        device = shadow.device
-        # Shapes as the kernel will mostly see (Inductor tunes its loops to them).
-        if bank:
-            fn = _bank_kernel_masked if mask else _bank_kernel
-            examples = (
-                torch.zeros(4, 64 * ROW, dtype=shadow.dtype, device=device),
-                torch.zeros(1, 64 * ROW, dtype=value.dtype, device=device),
-                torch.zeros(4, 1, dtype=shadow.dtype, device=device),
-            )
-        else:
-            fn = _kernel_masked if mask else _kernel
-            examples = (
-                torch.zeros(64, ROW, dtype=shadow.dtype, device=device),
-                torch.zeros(64, ROW, dtype=value.dtype, device=device),
-                torch.zeros((), dtype=shadow.dtype, device=device),
-            )
-        errors = []
-        with torch.no_grad():
-            for build in (_standalone, _dynamo):
-                try:
-                    self._kernels[key] = build(fn, examples)
-                    return
-                except Exception as error:  # any failure: use eager
-                    errors.append(f"{build.__name__.strip('_')}: {error!r}")
-        self.enabled = False
-        warnings.warn(
-            "functional_ema: compiling the update kernel failed ("
-            + "; ".join(errors)
-            + "); using the eager chunked path instead (same results, slower). Set "
-            "FUNCTIONAL_EMA_COMPILE=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-compiled = _Compiled()
+def all_finite(flags: list[Tensor]) -> Tensor:
+    """One 0-dim "all finite" flag from several, on the first one's device (no host sync)."""
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack([flag.to(flags[0].device) for flag in flags]).all()
 
 
 def _rows(shadow: Tensor, value: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -280,37 +104,41 @@ def update_bank_leaf_(
     return out if mask else []
 
 
+def scratch(dtype: torch.dtype, device: torch.device, numel: int, slot: str = "tmp") -> Tensor:
+    """A reusable per-thread buffer of ``numel`` elements (one per slot, dtype and device)."""
+    buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = getattr(_local, "scratch", {})
+    _local.scratch = buffers
+    key = (slot, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        buffers[key] = buf
+    return buf[:numel]
+
+
 def _eager_region_(
     shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
 ) -> Tensor | None:
     """A region in place without the kernel: cache-sized chunks through a scratch buffer.
 
-    ``value`` may be narrower (promoted exactly per chunk). Peak extra memory: one chunk, not
-    a full-size temporary. With ``mask``, returns the 0-dim "all finite" flag.
+    The TF step and the masking of ``_arith``, written into per-thread scratch buffers: no
+    allocation per update, no full-size temporary. With ``mask``, returns the 0-dim "all
+    finite" flag.
     """
     numel = shadow.numel()
     chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
-    narrower = torch.promote_types(shadow.dtype, value.dtype) != shadow.dtype
     flags = (
         torch.empty(-(-numel // chunk), dtype=torch.bool, device=shadow.device) if mask else None
     )
     for index, start in enumerate(range(0, numel, chunk)):
         stop = min(start + chunk, numel)
-        s, t = shadow[start:stop], tmp[: stop - start]
-        v = value[start:stop]
-        if narrower:  # the update runs in the shadow's dtype: round the values first
-            v = v.to(shadow.dtype)
-        if flags is not None:  # v := where(finite, v, s), without allocating
+        s, t, v = shadow[start:stop], tmp[: stop - start], value[start:stop]
+        if flags is not None:
             ok = scratch(torch.bool, shadow.device, stop - start, slot="finite")
-            torch.sub(v, v, out=t)  # 0 where finite, NaN at NaN and +-Inf
-            torch.eq(t, 0, out=ok)
-            torch.all(ok, out=flags[index])
-            torch.where(ok, v, s, out=t)
-            v = t
-        torch.sub(s, v, out=t)
-        t.mul_(weight)
-        s.sub_(t)
+            v, finite = keep_finite(s, v, scratch=t, finite=ok)
+            torch.all(finite, out=flags[index])
+        ema_step(s, v, weight, inplace=True, scratch=t)
     return None if flags is None else flags.all()
 
 
@@ -428,7 +256,7 @@ class _Gather:
 
     def run(self, weight: float | Tensor, *, mask: bool) -> list[Tensor]:
         """Copy the values in, then update the region."""
-        torch._foreach_copy_(self.targets, self.values)
+        foreach_copy_(self.targets, self.values)
         return self.region.run(weight, mask=mask)
 
 
@@ -477,13 +305,17 @@ class Plan:
                 weights[key] = self._weight(weight_for(key[0]), key)
             flags.extend(part.run(weights[key], mask=mask))
         for shadow, value in self.leaves:
-            flag = _update_leaf_(shadow, value, weight_for(shadow.dtype), mask=mask)
-            if flag is not None:
-                flags.append(flag)
+            average_leaf(
+                shadow,
+                value,
+                weight_for(shadow.dtype),
+                inplace=True,
+                finite_flags=flags if mask else None,
+            )
         for held, current in self.regions_copied:
             held.copy_(current)
         if self.copies[0]:
-            torch._foreach_copy_(self.copies[0], self.copies[1])
+            foreach_copy_(self.copies[0], self.copies[1])
         return flags
 
     def _weight(self, weight: float | Tensor, key: tuple[torch.dtype, torch.device]) -> Tensor:
@@ -499,18 +331,6 @@ class Plan:
             held = (weight, torch.as_tensor(weight, dtype=key[0], device=key[1]))
             self._weights[key] = held
         return held[1]
-
-
-def _update_leaf_(
-    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
-) -> Tensor | None:
-    finite = None
-    if mask:
-        value, finite = masked_value(shadow, value)
-    elif value.dtype != shadow.dtype:
-        value = value.to(shadow.dtype)
-    shadow.sub_((shadow - value) * weight)
-    return finite
 
 
 def _kernel_layout(tensor: Tensor) -> bool:

@@ -1,22 +1,18 @@
-"""Module state as pytrees, and forward passes on such trees via ``functional_call``."""
+"""Module state as pytrees, forward passes on such trees (``functional_call``), full exports."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from functional_ema._distributed import (
-    APPLY_FIX,
-    APPLY_WHY,
-    check_sharded,
-    reject_fsdp,
-    reject_fsdp1,
-)
+from functional_ema._dtensor import dtensor_type
 from functional_ema._engine import pack
 from functional_ema._errors import prefix_hint, short_list
+from functional_ema._fsdp import APPLY_FIX, APPLY_WHY, check_sharded, reject_fsdp, reject_fsdp1
 from functional_ema._storage import register_layout
 from functional_ema._types import Buffers, Params
 
@@ -98,7 +94,7 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
     return params, buffers
 
 
-def _check_keys(api: str, module: nn.Module, params: Params, buffers: Buffers) -> None:
+def check_keys(api: str, module: nn.Module, params: Params, buffers: Buffers) -> None:
     for label, tree in (("params", params), ("buffers", buffers)):
         if not isinstance(tree, dict) or not all(isinstance(t, Tensor) for t in tree.values()):
             raise TypeError(
@@ -160,10 +156,26 @@ def apply(module: nn.Module, params: Params, buffers: Buffers, /, *args: Any, **
     api = "apply"
     check_unwrapped(api, module)
     reject_fsdp(api, module, APPLY_WHY, APPLY_FIX)
-    _check_keys(api, module, params, buffers)
+    check_keys(api, module, params, buffers)
     return torch.func.functional_call(
         module, (params, buffers), args, kwargs, tie_weights=True, strict=True
     )
+
+
+def module_with(model: nn.Module, values: dict[str, Tensor]) -> nn.Module:
+    """A new module with ``model``'s structure holding copies of ``values`` (by module name).
+
+    Every parameter and buffer is replaced by ``values[name]`` cast to its dtype and device
+    (tied weights stay tied), so no live tensor is copied; parameters get
+    ``requires_grad=False`` and the copy is returned in eval mode. ``model`` is not modified.
+    """
+    memo: dict[int, Any] = {}
+    for name, param in model.named_parameters():
+        value = values[name].to(device=param.device, dtype=param.dtype, copy=True)
+        memo[id(param)] = nn.Parameter(value, requires_grad=False)
+    for name, buffer in model.named_buffers():
+        memo[id(buffer)] = values[name].to(device=buffer.device, dtype=buffer.dtype, copy=True)
+    return copy.deepcopy(model, memo).eval()
 
 
 @torch.no_grad()
@@ -237,3 +249,90 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         tensor.data = view
     register_layout(module, views)
     return module
+
+
+def _state_dict_names(model: nn.Module) -> dict[str, str]:
+    """``model.state_dict()``'s keys, each mapped to its :func:`module_state` name.
+
+    Tied tensors appear under every name (as in ``state_dict``), mapped to the first;
+    non-persistent buffers are left out. Computed from the module tree, without calling
+    ``state_dict()`` (and its hooks).
+    """
+    canonical: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        canonical.setdefault(id(tensor), name)
+    names: dict[str, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                names[dot + name] = canonical[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                names[dot + name] = canonical[id(buffer)]
+    return names
+
+
+def full_state_dict(
+    model: nn.Module, params: Params, buffers: Buffers | None = None, *, rank: int | None = 0
+) -> dict[str, Tensor]:
+    """Gather (sharded) averages into one full state dict of ``model``, for inference.
+
+    Every rank must call it (each sharded leaf is gathered with one all-gather, in the same
+    order everywhere); rank ``rank`` gets the full tensors, on the CPU, under the keys of
+    ``model.state_dict()`` (tied weights under each name, non-persistent buffers left out),
+    so ``torch.save`` of it loads into a plain, unsharded model with
+    ``load_state_dict(strict=True)``. Other ranks get ``{}`` and hold at most one gathered
+    leaf at a time. Plain tensors are copied as they are; dtypes are kept (load_state_dict
+    casts to the model's).
+
+    Args:
+        model: The live model (FSDP2 or not), for its names.
+        params: The averages keyed by module names (e.g. :func:`average` of the state, or
+            ``ema.state()["params"]``); DTensors or plain tensors.
+        buffers: The held buffers and frozen parameters (``state["buffers"]``); ``None``
+            takes the model's own (gathered where sharded).
+        rank: The rank that keeps the result; ``None`` keeps it on every rank.
+
+    Returns:
+        ``dict[str, Tensor]`` of full CPU tensors on rank ``rank``, ``{}`` elsewhere.
+
+    Raises:
+        ValueError: Names missing, unexpected or given twice.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = fe.init(*fe.module_state(model))
+        >>> full = fe.full_state_dict(model, fe.average(state), state["buffers"])
+        >>> torch.nn.Linear(2, 1).load_state_dict(full, strict=True)
+        <All keys matched successfully>
+    """
+    api = "full_state_dict"
+    check_unwrapped(api, model)
+    if buffers is None:
+        buffers = module_state(model)[1]
+    check_keys(api, model, params, buffers)
+    values = {**params, **buffers}
+    keep = rank is None or not (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_rank() != rank
+    )
+    dtensor = dtensor_type()
+    gathered: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name in sorted(values):  # the same order on every rank
+            tensor = values[name]
+            if dtensor is not None and isinstance(tensor, dtensor):
+                full = tensor.full_tensor()  # one all-gather
+            elif keep:
+                full = tensor
+            else:
+                continue
+            if keep:
+                gathered[name] = full.to("cpu", copy=True)
+            del full
+    if not keep:
+        return {}
+    return {key: gathered[name] for key, name in _state_dict_names(model).items()}

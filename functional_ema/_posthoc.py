@@ -17,7 +17,6 @@ other length :math:`\sigma_{\mathrm{rel}}` as a weighted sum of the snapshots. T
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import re
@@ -31,22 +30,16 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from functional_ema._arith import average_leaf, copy_leaf, is_inexact
 from functional_ema._bank import bank
-from functional_ema._checkpoint import _remove_stale_temps
-from functional_ema._checkpoint import load as _load
-from functional_ema._checkpoint import save as _atomic_save
-from functional_ema._core import average_leaf, copy_leaf
+from functional_ema._decay import check_interval
 from functional_ema._errors import short_list
-from functional_ema._module import check_unwrapped, module_state
+from functional_ema._io import load as _load
+from functional_ema._io import remove_stale_temps
+from functional_ema._io import save as _atomic_save
+from functional_ema._module import check_unwrapped, module_state, module_with
 from functional_ema._schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
-from functional_ema._state import check_interval
-from functional_ema._tree import (
-    check_floating_dtype,
-    check_pair,
-    check_tensor_leaves,
-    is_inexact,
-    leaf_paths,
-)
+from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, leaf_paths
 from functional_ema._types import TensorTree
 
 
@@ -644,7 +637,7 @@ class SnapshotStore:
         for name in os.listdir(folder):  # temporary files of writes killed mid-way
             match = re.fullmatch(rf"\.({re.escape(run_id)}\..+)\.[^.]+-\d+-[0-9a-f]+\.tmp", name)
             if match:
-                _remove_stale_temps(os.path.join(folder, match.group(1)))
+                remove_stale_temps(os.path.join(folder, match.group(1)))
         return cls(folder, manifest)
 
     @staticmethod
@@ -956,13 +949,7 @@ class Reconstruction:
                 f"(model vs reconstruction) {shapes[:8]}. Pass a model of the tracked "
                 "architecture."
             )
-        memo: dict[int, Any] = {}
-        for name, tensor in model.named_parameters():
-            value = held[name].to(device=tensor.device, dtype=tensor.dtype, copy=True)
-            memo[id(tensor)] = nn.Parameter(value, requires_grad=False)
-        for name, buffer in model.named_buffers():
-            memo[id(buffer)] = held[name].to(device=buffer.device, dtype=buffer.dtype, copy=True)
-        return copy.deepcopy(model, memo).eval()
+        return module_with(model, held)
 
 
 def reconstruct(

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from functional_ema._distributed import data_ptrs
+from functional_ema._compat import available, storage_key, storage_use_count
+from functional_ema._dtensor import data_ptrs
 
 
 StorageKey = tuple[int, int, int]
@@ -31,17 +32,16 @@ def _key(tensor: Tensor) -> StorageKey | None:
     """The identity of a plain tensor's storage (``None`` for a subclass such as DTensor)."""
     if type(tensor) not in (Tensor, nn.Parameter):
         return None
-    storage = tensor.untyped_storage()
-    return storage._cdata, storage.data_ptr(), storage.nbytes()
+    return storage_key(tensor)
 
 
-def _use_count(storage: torch.UntypedStorage) -> int:
-    return torch._C._storage_Use_Count(storage._cdata)
+def _use_count(storage: torch.UntypedStorage) -> int | None:
+    return storage_use_count(storage)
 
 
 def register_layout(module: nn.Module, views: Iterable[Tensor]) -> None:
     """Record the buffers ``views`` (the module's tensors, just laid out) live in."""
-    if hasattr(torch._C, "_storage_Use_Count"):  # else every tensor is watched by pointer
+    if available("storage_use_count"):  # else every tensor is watched by pointer
         _laid_out[module] = {key for key in map(_key, views) if key is not None}
 
 
@@ -82,7 +82,7 @@ class StorageGuard:
         if self.loose and data_ptrs(self.loose) != self.loose_pointers:
             return False
         counts = [_use_count(storage) for storage in self.storages]
-        if counts == self.counts:
+        if counts == self.counts and None not in counts:
             return True
         if data_ptrs(self.tensors) != self.pointers:
             return False

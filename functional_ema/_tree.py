@@ -9,12 +9,8 @@ import torch
 from optree import PyTreeSpec
 from torch import Tensor
 
+from functional_ema._arith import is_inexact
 from functional_ema._errors import prefix_hint, short_list
-
-
-def is_inexact(tensor: Tensor) -> bool:
-    """Whether a leaf is averaged (floating or complex) rather than copied."""
-    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def leaf_paths(tree: Any) -> list[str]:

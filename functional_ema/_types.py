@@ -28,4 +28,7 @@ NonFinite: TypeAlias = Literal["skip", "raise", "propagate"]
 """What to do with NaN/Inf values: leave them out of the average (``"skip"``, the default),
 reject the update (``"raise"``), or average them in as TF does (``"propagate"``)."""
 
+BufferPolicy: TypeAlias = Literal["copy", "average"]
+"""What an update does with floating buffers: copy the latest (``"copy"``) or average them."""
+
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_bits_equal, snapshot
+from helpers import assert_bits_equal, snapshot
 from torch import nn
 
 import functional_ema as fe

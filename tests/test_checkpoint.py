@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bits_equal, snapshot
+from helpers import assert_bits_equal, snapshot
 from torch import nn
 
 import functional_ema as fe
-from functional_ema import _checkpoint
+from functional_ema import _io
 
 
 def make_model() -> nn.Module:
@@ -116,7 +116,7 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp(
         raise OSError(28, "No space left on device")
 
     if fail_at == "torch.save":
-        monkeypatch.setattr(_checkpoint.torch, "save", boom)
+        monkeypatch.setattr(_io.torch, "save", boom)
     else:
         monkeypatch.setattr(os, "fsync" if fail_at == "fsync" else "replace", boom)
     with pytest.raises(OSError, match="No space left"):
@@ -183,7 +183,7 @@ def test_next_save_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> No
     if os.name != "posix":
         pytest.skip("stale temporary files are only removed on POSIX")
     path = tmp_path / "ema.pt"
-    host = _checkpoint._host_tag()
+    host = _io._host_tag()
     dead = tmp_path / f".ema.pt.{host}-{_dead_pid()}-0123abcd.tmp"
     alive = tmp_path / f".ema.pt.{host}-{os.getppid()}-0123abcd.tmp"  # a running process
     mine = tmp_path / f".ema.pt.{host}-{os.getpid()}-0123abcd.tmp"  # e.g. another thread's
@@ -208,7 +208,7 @@ def test_load_uses_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_checkpoint.torch, "load", spy)
+    monkeypatch.setattr(_io.torch, "load", spy)
     fe.load(tmp_path / "a.pt", map_location="cpu")
     fe.load(tmp_path / "a.pt", verify=False)
     assert calls and all(kwargs.get("weights_only") is True for kwargs in calls)
@@ -582,3 +582,12 @@ def test_copies_made_inside_swap_are_not_guarded() -> None:
     with ema.swap():
         torch.save(clone, io.BytesIO())
         clone.state_dict()
+
+
+def test_check_state_reads_the_counter_under_its_former_name() -> None:
+    model = torch.nn.Linear(2, 1)
+    state = fe.init(*fe.module_state(model))
+    old = {("nonfinite" if k == "nonfinite_updates" else k): v for k, v in state.items()}
+    resumed = fe.check_state(old, like=fe.init(*fe.module_state(model)))
+    assert set(resumed) == set(state)
+    assert resumed["nonfinite_updates"] is state["nonfinite_updates"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal
+from helpers import assert_bits_equal
 from torch import nn
 
 import functional_ema as fe

@@ -8,8 +8,7 @@ from collections import namedtuple
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal, bits, snapshot
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import NoHostSync, assert_bits_equal, bits, snapshot
 
 import functional_ema as fe
 
@@ -167,15 +166,6 @@ def test_inplace_keeps_no_autograd_history() -> None:
     assert shadow["w"].grad_fn is None and not shadow["w"].requires_grad
 
 
-class _NoHostSync(TorchDispatchMode):
-    """Fail on any device-to-host read (``.item()``, ``bool(tensor)``, ``.tolist()``)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host sync through {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_tensor_decay_has_no_host_sync() -> None:
     device = torch.device("meta")  # tensors with no data: any host read fails
     shadow = {
@@ -185,7 +175,7 @@ def test_tensor_decay_has_no_host_sync() -> None:
     params = optree.tree_map(torch.empty_like, shadow)
     decay = torch.empty((), device=device)
     warm, profile = fe.tf_warmup(decay), fe.power(sigma_rel=0.1)  # built once, on the host
-    with _NoHostSync():
+    with NoHostSync():
         fe.ema_update(shadow, params, decay)
         fe.ema_update_(shadow, params, decay)
         state = fe.init(shadow)

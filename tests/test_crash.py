@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bits_equal
+from helpers import assert_bits_equal
 
 import functional_ema as fe
 

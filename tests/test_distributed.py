@@ -29,7 +29,7 @@ from typing import Any
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal
+from helpers import assert_bits_equal
 from torch import Tensor, nn
 
 import functional_ema as fe
@@ -259,8 +259,8 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
     }
     with Collectives() as counter:
         skipped = fe.update(in_place, nan_params, 0.9, buffers)
-    result["nonfinite"] = {
-        "count": int(skipped["nonfinite"] - in_place["nonfinite"]),
+    result["nonfinite_updates"] = {
+        "count": int(skipped["nonfinite_updates"] - in_place["nonfinite_updates"]),
         "kept": bool(
             torch.equal(
                 skipped["params"][name].to_local()[0, 0], in_place["params"][name].to_local()[0, 0]
@@ -534,12 +534,12 @@ def test_fsdp2_update_runs_no_collective(out: Path) -> None:
         assert fsdp["control"] >= 2  # the counter sees a gather and an all-reduce
         assert fsdp["counts"] == [0] * STEPS
         assert fsdp["after_reshard"]["collectives"] == 0
-        assert fsdp["nonfinite"]["collectives"] == 0
+        assert fsdp["nonfinite_updates"]["collectives"] == 0
         assert fsdp["swap_collectives"] == 0
 
 
 def test_fsdp2_nonfinite_values_are_skipped_and_counted_per_rank(out: Path) -> None:
-    seen = [_rank(out, f"train{WORLD}", r)["fsdp"]["nonfinite"] for r in range(WORLD)]
+    seen = [_rank(out, f"train{WORLD}", r)["fsdp"]["nonfinite_updates"] for r in range(WORLD)]
     assert [s["count"] for s in seen] == [1, 0]  # only rank 0's shard held the NaN
     assert seen[0]["kept"]  # and its average was left unchanged there
 

@@ -9,13 +9,20 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal
-from test_tf_parity import VARIABLE_CASES, get_case, leaves_at, step_decay
+from helpers import (
+    VARIABLE_CASES,
+    assert_bits_equal,
+    get_case,
+    leaves_at,
+    mlp,
+    step_decay,
+    train,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import functional_ema as fe
-from functional_ema import _engine
+from functional_ema import _engine, _kernels
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -61,7 +68,7 @@ def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyP
     for case_name in ("per_step_decay", "num_updates_from_zero"):
         _run_tf_case(dtype_name, case_name, scattered=False)
         _run_tf_case(dtype_name, case_name, scattered=True)
-    assert _engine.compiled.enabled  # it compiled, and did not fall back
+    assert not _kernels.compiled.fallbacks  # it compiled, and did not fall back
 
 
 def _broken(*args: object) -> None:
@@ -70,34 +77,35 @@ def _broken(*args: object) -> None:
 
 @pytest.mark.compile
 def test_kernel_falls_back_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    fresh = _engine._Compiled()
+    fresh = _kernels.Compiled()
     fresh.enabled = True
     built = []
-    dynamo = _engine._dynamo
+    dynamo = _kernels.dynamo_compile
 
     def recording(fn, examples):  # type: ignore[no-untyped-def]
         built.append(fn)
         return dynamo(fn, examples)
 
     monkeypatch.setattr(_engine, "compiled", fresh)
-    monkeypatch.setattr(_engine, "_standalone", _broken)
-    monkeypatch.setattr(_engine, "_dynamo", recording)
+    monkeypatch.setattr(_kernels, "standalone_compile", _broken)
+    monkeypatch.setattr(_kernels, "dynamo_compile", recording)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
     _run_tf_case("float32", "per_step_decay", scattered=False)
-    assert fresh.enabled
-    assert built == [_engine._kernel_masked]
+    assert not fresh.fallbacks
+    assert built == [_kernels.update_rows_masked]
 
 
 def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    fresh = _engine._Compiled()
+    fresh = _kernels.Compiled()
     fresh.enabled = True
     monkeypatch.setattr(_engine, "compiled", fresh)
-    monkeypatch.setattr(_engine, "_standalone", _broken)
-    monkeypatch.setattr(_engine, "_dynamo", _broken)
+    monkeypatch.setattr(_kernels, "standalone_compile", _broken)
+    monkeypatch.setattr(_kernels, "dynamo_compile", _broken)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
-    with pytest.warns(RuntimeWarning, match=r"compiling the update kernel failed .*unavailable"):
+    with pytest.warns(RuntimeWarning, match=r"compiling the update kernel .* failed .*unavailable"):
         _run_tf_case("float32", "per_step_decay", scattered=False)
-    assert not fresh.enabled
+    assert fresh.fallbacks == [(True, False, "cpu", torch.float32, torch.float32)]
+    assert fresh.enabled  # other kernels are still built
 
 
 @pytest.mark.compile
@@ -114,9 +122,9 @@ def test_compiled_rows_leave_nonfinite_values_out(monkeypatch: pytest.MonkeyPatc
         assert after[position] == before[position]
         keep = torch.arange(300) != position
         assert torch.equal(after[keep], before[keep] - (before[keep] - 1.0) * 0.5)
-    assert int(state["nonfinite"]) == 3
+    assert int(state["nonfinite_updates"]) == 3
     fe.update_(state, {"w": torch.ones(300)}, 0.5)
-    assert int(state["nonfinite"]) == 3
+    assert int(state["nonfinite_updates"]) == 3
 
 
 def test_plans_pick_the_expected_paths() -> None:
@@ -195,30 +203,14 @@ def test_inplace_update_allocates_no_full_size_temporary(monkeypatch: pytest.Mon
     assert first.bytes < 0.05 * shadow_bytes, (first.bytes, shadow_bytes)
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-
-
-def _train(model: nn.Module, ema: fe.EMA, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(steps):
-        loss = model(torch.randn(8, 6, generator=gen)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.update()
-
-
 def test_flattened_model_uses_regions_and_keeps_bits() -> None:
-    plain, flat = _mlp(), _mlp()
+    plain, flat = mlp(), mlp()
     fe.flatten_parameters_(flat)
     ema_plain, ema_flat = fe.EMA(plain, 0.9), fe.EMA(flat, 0.9)
-    _train(plain, ema_plain, 6)
-    _train(flat, ema_flat, 6)
+    train(plain, ema_plain, 6)
+    train(flat, ema_flat, 6)
     assert_bits_equal(ema_flat.state(), ema_plain.state())
-    plan = ema_flat._prepare().plan
+    plan = ema_flat._validated().plan
     assert plan is not None
     assert len(plan.regions) == 1
     assert not plan.leaves
@@ -229,12 +221,12 @@ def test_flattened_model_uses_regions_and_keeps_bits() -> None:
 
 
 def test_flattened_buffers_with_a_frozen_parameter_are_one_copy() -> None:
-    model = _mlp()
+    model = mlp()
     model[0].bias.requires_grad_(False)  # copied with the buffers, sorted by name with them
     fe.flatten_parameters_(model)
     ema = fe.EMA(model, 0.9)
-    _train(model, ema, 3)
-    plan = ema._prepare().plan
+    train(model, ema, 3)
+    plan = ema._validated().plan
     assert plan is not None
     assert len(plan.regions_copied) == 2 and not plan.copies[0]
     assert torch.equal(ema.state()["buffers"]["0.bias"], model[0].bias.detach())
@@ -242,15 +234,15 @@ def test_flattened_buffers_with_a_frozen_parameter_are_one_copy() -> None:
 
 
 def test_cached_plan_follows_replaced_storage() -> None:
-    model = _mlp()
+    model = mlp()
     ema = fe.EMA(model, 0.5)
     ema.update()
-    first = ema._prepare()
-    assert ema._prepare() is first  # cached while nothing changed
+    first = ema._validated()
+    assert ema._validated() is first  # cached while nothing changed
     with torch.no_grad():
         model[0].weight.data = torch.ones_like(model[0].weight)  # new storage, same Parameter
     ema.update()
-    assert ema._prepare() is not first
+    assert ema._validated() is not first
     assert (ema.state()["params"]["0.weight"] != 1).any()
     for _ in range(60):
         ema.update()
@@ -259,7 +251,7 @@ def test_cached_plan_follows_replaced_storage() -> None:
 
 def test_freezing_later_keeps_the_averaged_set() -> None:
     """As TF's ``var_list``: the parameters trainable at construction stay averaged."""
-    model = _mlp()
+    model = mlp()
     ema = fe.EMA(model, 0.5)
     model[3].bias.requires_grad_(False)  # frozen after construction: still averaged
     model[0].weight.requires_grad_(False)
@@ -278,7 +270,7 @@ def test_freezing_later_keeps_the_averaged_set() -> None:
     assert_bits_equal(ema.state()["params"]["3.bias"], before - (before - 2.0) * 0.5)
     _ = ema.eval()
     ema(torch.randn(4, 6))  # the averaged model still runs
-    frozen = _mlp()
+    frozen = mlp()
     frozen[0].bias.requires_grad_(False)  # frozen at construction: copied, never averaged
     ema = fe.EMA(frozen, 0.5)
     frozen[0].bias.requires_grad_(True)
@@ -290,21 +282,21 @@ def test_freezing_later_keeps_the_averaged_set() -> None:
 
 
 def test_cached_plan_ignores_registrations_in_other_modules() -> None:
-    model = _mlp()
+    model = mlp()
     ema = fe.EMA(model, 0.5)
     ema.update()
-    first = ema._prepare()
+    first = ema._validated()
     other = nn.Linear(2, 2)
     other.register_buffer("count", torch.zeros(()))
     other.count = torch.ones(())  # a module assigning its own buffer (as AveragedModel does)
-    assert ema._prepare() is first
+    assert ema._validated() is first
     model[1].register_buffer("extra", torch.zeros(()))  # in the tracked model: re-validated
     with pytest.raises(ValueError, match=r"extra"):
         ema.update()
 
 
 def test_to_keeps_the_averages_one_region() -> None:
-    model = _mlp()
+    model = mlp()
     ema = fe.EMA(model, 0.9).to(torch.float64)
     leaves = list(ema.state()["params"].values())
     assert _engine.flat_view(sorted(leaves, key=lambda t: t.storage_offset())) is not None

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bits_equal, snapshot
+from helpers import assert_bits_equal, snapshot
 from torch import nn
 
 import functional_ema as fe

@@ -37,7 +37,7 @@ from typing import Any
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal, bits
+from helpers import assert_bits_equal, bits
 from torch import nn
 
 import functional_ema as fe

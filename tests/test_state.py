@@ -7,7 +7,7 @@ import struct
 
 import pytest
 import torch
-from conftest import assert_bits_equal, snapshot
+from helpers import assert_bits_equal, snapshot
 
 import functional_ema as fe
 
@@ -32,7 +32,7 @@ def test_init_copies_and_detaches() -> None:
     assert not state["params"]["w"].requires_grad
     assert torch.equal(state["params"]["w"], params["w"].detach())
     assert state["step"].dtype == torch.int64 and state["step"].item() == 0
-    assert set(state) == {"step", "params", "nonfinite"}
+    assert set(state) == {"step", "params", "nonfinite_updates"}
 
 
 def test_update_is_pure_and_counts() -> None:

@@ -10,46 +10,24 @@ A missing or incomplete fixture fails (never skips): the expected dtypes and cas
 names are listed below so the coverage cannot silently shrink.
 """
 
-import functools
-import json
-import math
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import (
+    BIT_VIEW,
+    CASES,
+    DTYPES,
+    LEAF_NAMES,
+    MIN_STEPS,
+    NUM_UPDATES_CASES,
+    REF_DIR,
+    VARIABLE_CASES,
+    get_case,
+    leaves_at,
+    load_fixture,
+    step_decay,
+)
 
 import functional_ema as fe
-
-
-REF_DIR = Path(__file__).parent / "tf_reference"
-
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-BIT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-CASES = {
-    "const": "variable",
-    "const_low": "variable",
-    "num_updates_from_zero": "variable",
-    "num_updates_large": "variable",
-    "num_updates_reset": "variable",
-    "num_updates_beyond_2_24": "variable",
-    "per_step_decay": "variable",
-    "zero_debias_const": "zero_debias",
-    "zero_debias_const_high": "zero_debias",
-    "zero_debias_num_updates": "zero_debias",
-    "zero_debias_per_step_decay": "zero_debias",
-}
-LEAF_NAMES = {"scalar", "vec", "mat", "cube"}
-MIN_STEPS = 20
-
-VARIABLE_CASES = [c for c, m in CASES.items() if m == "variable"]
-NUM_UPDATES_CASES = [c for c in CASES if "num_updates" in c]
 
 
 def _params(case_names):
@@ -61,55 +39,6 @@ def _params(case_names):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@functools.cache
-def load_fixture(dtype_name: str) -> dict:
-    path = REF_DIR / f"tf_{dtype_name}.json"
-    assert path.is_file(), f"missing TF reference fixture {path} (run generate.py)"
-    with path.open() as f:
-        doc = json.load(f)
-    assert doc["dtype"] == dtype_name, f"{path}: dtype field is {doc['dtype']!r}"
-    return doc
-
-
-def get_case(dtype_name: str, case_name: str) -> dict:
-    doc = load_fixture(dtype_name)
-    found = [c for c in doc["cases"] if c["name"] == case_name]
-    assert len(found) == 1, f"tf_{dtype_name}.json: {len(found)} cases named {case_name!r}"
-    case = found[0]
-    assert case["mode"] == CASES[case_name], (case_name, case["mode"])
-    return case
-
-
-def from_hex(hex_bits: str, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Little-endian raw bits (``array.tobytes().hex()``) -> tensor of ``dtype``."""
-    assert sys.byteorder == "little", "fixtures hold little-endian bits"
-    buf = bytearray.fromhex(hex_bits)
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    assert len(buf) == numel * itemsize, (len(buf), shape, dtype)
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape).clone()
-
-
-def leaves_at(case: dict, dtype: torch.dtype, key: str, t: int | None = None) -> dict:
-    """``{leaf: tensor}`` of ``key`` ("init", or "values"/"average" at step t >= 1)."""
-    out = {}
-    for name, leaf in case["leaves"].items():
-        hex_bits = leaf[key] if t is None else leaf[key][t - 1]
-        out[name] = from_hex(hex_bits, dtype, leaf["shape"])
-    return out
-
-
-def step_decay(case: dict, t: int):
-    """The decay TF used at step t: the Python float, or ``fe.tf_decay`` with num_updates."""
-    decay = case["decay"][t - 1]
-    if case["num_updates"] is None:
-        return decay
-    return fe.tf_decay(decay, case["num_updates"][t - 1])
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
-from conftest import assert_bits_equal
+from helpers import assert_bits_equal
 from torch import nn
 from torch.func import stack_module_state, vmap
 

@@ -1,0 +1,130 @@
+r"""TensorFlow's EMA step and the non-finite masking: the only place either is written.
+
+Per floating leaf, with :math:`w` TensorFlow's weight ``float32(1) - float32(decay)`` cast to
+the leaf's dtype (see ``_decay.weight_as``):
+
+.. math:: \bar\theta \leftarrow \bar\theta - (\bar\theta - \theta)\, w
+
+with every operation rounded in the average's dtype, which is what
+``ExponentialMovingAverage.apply`` computes, bit for bit. The pure path, the in-place eager
+path, the decay banks, post-hoc tracking and every kernel the engine compiles call
+:func:`ema_step` (the kernels are compiled from functions that call it, so they cannot
+drift); :func:`keep_finite` is the one way a NaN or Inf is left out of an average.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_inexact(tensor: Tensor) -> bool:
+    """Whether a leaf is averaged (floating or complex) rather than copied."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _in_shadow_dtype(shadow: Tensor, value: Tensor) -> Tensor:
+    """``value`` as the update reads it: a wider dtype is rounded to ``shadow``'s first.
+
+    A narrower ``value`` is left as it is: mixed arithmetic widens it exactly, which gives the
+    same bits as converting it and costs no copy.
+    """
+    if torch.promote_types(shadow.dtype, value.dtype) != shadow.dtype:
+        return value.to(shadow.dtype)
+    return value
+
+
+def ema_step(
+    shadow: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    r"""TF's ``shadow - (shadow - value) * weight``, each operation rounded in ``shadow``'s dtype.
+
+    ``value`` in another floating dtype is read in ``shadow``'s (so a wide average of a
+    narrow model runs in the wide dtype); ``weight`` is already in ``shadow``'s dtype and may
+    broadcast (one row of weights per decay in a bank).
+
+    Args:
+        shadow: The average; written when ``inplace``.
+        value: The value it moves towards.
+        weight: :math:`w = 1 - \beta`, a number or a tensor in ``shadow``'s dtype.
+        inplace: Update ``shadow`` (and return it) or return a new tensor.
+        scratch: A buffer shaped and typed like ``shadow`` for the difference: the same
+            operations, with no allocation (the engine's eager path). May be ``value``'s own
+            storage when ``value`` came from :func:`keep_finite` with the same scratch.
+    """
+    value = _in_shadow_dtype(shadow, value)
+    if scratch is None:
+        delta = (shadow - value) * weight
+    else:
+        delta = torch.sub(shadow, value, out=scratch).mul_(weight)
+    return shadow.sub_(delta) if inplace else shadow - delta
+
+
+def keep_finite(
+    shadow: Tensor, value: Tensor, *, scratch: Tensor | None = None, finite: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``value`` with each NaN/Inf replaced by ``shadow``, in ``shadow``'s dtype, and the mask.
+
+    :func:`ema_step` of the result leaves those elements of ``shadow`` unchanged
+    (``shadow - (shadow - shadow) * w``) and every other element's bits as they would be.
+
+    Args:
+        shadow: The average.
+        value: The values, possibly holding NaN or Inf.
+        scratch: With ``finite``, buffers shaped like ``shadow`` (its dtype, and bool) that
+            receive the results: the same test (``v - v`` is 0 exactly where ``v`` is
+            finite), with no allocation.
+        finite: See ``scratch``.
+
+    Returns:
+        The kept values and the elementwise "is finite" mask of ``value``.
+    """
+    value = _in_shadow_dtype(shadow, value)
+    if scratch is None or finite is None:
+        mask = torch.isfinite(value)
+        return torch.where(mask, value, shadow), mask
+    mask = torch.eq(torch.sub(value, value, out=scratch), 0, out=finite)
+    return torch.where(mask, value, shadow, out=scratch), mask
+
+
+def copy_leaf(shadow: Tensor, value: Tensor, *, inplace: bool) -> Tensor:
+    """Copy ``value`` into ``shadow`` (in place) or return a copy of it shaped like ``shadow``.
+
+    Integer and bool leaves (e.g. ``num_batches_tracked``) are copied, never averaged.
+    ``value`` broadcasts to ``shadow`` (a bank holds one row per decay).
+    """
+    if inplace:
+        return shadow.copy_(value)
+    return value.clone() if value.shape == shadow.shape else value.expand(shadow.shape).clone()
+
+
+def average_leaf(
+    shadow: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    finite_flags: list[Tensor] | None = None,
+) -> Tensor:
+    """One leaf's update: :func:`ema_step` for floating leaves, :func:`copy_leaf` for others.
+
+    With a ``finite_flags`` list, non-finite values leave their averages unchanged
+    (:func:`keep_finite`) and the leaf's 0-dim "all finite" flag is appended
+    (``nonfinite="skip"``); the flags stay on the device.
+    """
+    if not is_inexact(shadow):
+        return copy_leaf(shadow, value, inplace=inplace)
+    if finite_flags is not None:
+        value, finite = keep_finite(shadow, value)
+        finite_flags.append(finite.all())
+    return ema_step(shadow, value, weight, inplace=inplace)
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a finiteness check sums in (float32 for 16-bit floats: no overflow to Inf)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

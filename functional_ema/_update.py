@@ -1,0 +1,339 @@
+"""One EMA update of a state: validated once, then applied purely or in place.
+
+:func:`validate` does every structure, shape, device and dtype check and returns a
+:class:`Bound`, the pairing of a state with the tensors that update it. :func:`apply` returns
+a new state from it; :func:`apply_` writes into the state's tensors, through the engine's
+plan (built on its first use and kept, so re-applying a cached ``Bound``, as the ``EMA``
+adapter does while the model's tensors stay the same, costs no Python work per leaf). Both
+call the TF step of ``_arith``; the per-call arguments (decay, ``dt``, policy) are checked
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import optree
+import torch
+from optree import PyTreeSpec
+from torch import Tensor
+
+from functional_ema._arith import average_leaf, copy_leaf, is_inexact
+from functional_ema._core import WeightCache, check_policy, raise_if_nonfinite, split_by_kind
+from functional_ema._decay import check_interval, resolve_decay
+from functional_ema._dtensor import local_leaves, localize, rewrap
+from functional_ema._engine import Plan, all_finite, build_plan, fast_path_ok
+from functional_ema._state import EmaState, check_state_structure
+from functional_ema._tree import check_pair
+from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule, TensorTree
+
+
+@dataclass
+class Bound:
+    """A validated pairing of a state with the tensors that update it (see :func:`validate`).
+
+    ``shadow``/``values`` are the leaves of ``state["params"]`` and of the params (local
+    shards for DTensors; ``templates`` keeps the DTensors to wrap pure results in),
+    ``held``/``current`` those of the buffers (empty without buffers).
+    """
+
+    api: str
+    state: EmaState
+    buffer_policy: BufferPolicy
+    shadow: list[Tensor]
+    values: list[Tensor]
+    spec: PyTreeSpec
+    templates: list[object] | None
+    held: list[Tensor]
+    current: list[Tensor]
+    buffer_spec: PyTreeSpec | None
+    buffer_templates: list[object] | None
+
+    @functools.cached_property
+    def plan(self) -> Plan | None:
+        """The engine's in-place plan, or ``None`` where the engine cannot be used."""
+        tensors = [*self.shadow, *self.values, *self.held, *self.current]
+        if "biased" in self.state or not fast_path_ok(*tensors):
+            return None
+        averaged, copied = split_by_kind(list(zip(self.shadow, self.values, strict=True)))
+        buffer_pairs = list(zip(self.held, self.current, strict=True))
+        if self.buffer_policy == "copy":
+            copied += buffer_pairs
+        else:
+            averaged_buffers, copied_buffers = split_by_kind(buffer_pairs)
+            averaged += averaged_buffers
+            copied += copied_buffers
+        return build_plan(averaged, copied)
+
+
+def check_buffer_policy(api: str, buffer_policy: object) -> None:
+    """Validate the buffer policy."""
+    if buffer_policy not in ("copy", "average"):
+        raise ValueError(
+            f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
+        )
+
+
+def validate(
+    api: str,
+    state: EmaState,
+    params: TensorTree,
+    buffers: TensorTree | None = None,
+    buffer_policy: BufferPolicy = "copy",
+) -> Bound:
+    """Check that ``params`` (and ``buffers``) can update ``state``; nothing is written."""
+    check_state_structure(api, state)
+    check_buffer_policy(api, buffer_policy)
+    names = ("state['params']", "params")
+    shadow, values, spec = check_pair(api, state["params"], params, names)
+    # DTensor pairs update their local shards: shard-local, no collective.
+    shadow, values, templates = localize(api, state["params"], shadow, values, names)
+    if ("buffers" in state) != (buffers is not None):
+        if buffers is None:
+            expected, got = "a tree (as given to init)", "None"
+            fix = "pass the current buffers: update(state, params, decay, buffers)."
+        else:
+            expected, got = "None (init got no buffers)", "a tree"
+            fix = "pass the buffers to init too: init(params, buffers)."
+        raise ValueError(
+            f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers "
+            f"in the state, {fix}"
+        )
+    held: list[Tensor] = []
+    current: list[Tensor] = []
+    buffer_spec = buffer_templates = None
+    if buffers is not None:
+        names = ("state['buffers']", "buffers")
+        held, current, buffer_spec = check_pair(api, state["buffers"], buffers, names)
+        held, current, buffer_templates = localize(api, state["buffers"], held, current, names)
+    return Bound(
+        api,
+        state,
+        buffer_policy,
+        shadow,
+        values,
+        spec,
+        templates,
+        held,
+        current,
+        buffer_spec,
+        buffer_templates,
+    )
+
+
+def _check_call(
+    bound: Bound, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite
+) -> tuple[int | Tensor, WeightCache]:
+    """Validate the per-call arguments and the values (``"raise"``), before any write."""
+    api = bound.api
+    check_policy(api, nonfinite)
+    dt = check_interval(api, dt)
+    weights = WeightCache(resolve_decay(api, decay, bound.state["step"], dt))
+    if nonfinite == "raise":
+        raise_if_nonfinite(api, bound.state["params"], bound.shadow, bound.values, "params")
+        if "buffers" in bound.state and bound.buffer_policy == "average":
+            state_buffers = bound.state["buffers"]
+            raise_if_nonfinite(api, state_buffers, bound.held, bound.current, "buffers")
+    return dt, weights
+
+
+def _count_nonfinite(counter: Tensor, flags: list[Tensor], *, inplace: bool) -> Tensor:
+    """Add 1 to ``counter`` if any "all finite" flag is false, on the device (no sync)."""
+    if not flags:
+        return counter if inplace else counter.clone()
+    seen = ~all_finite(flags).to(counter.device)
+    return counter.add_(seen) if inplace else counter + seen
+
+
+def _debiased_leaf(
+    shadow: Tensor,
+    biased: Tensor,
+    local_step: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    finite_flags: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TF's ``_zero_debias`` for one leaf: new ``(shadow, biased, local_step)``.
+
+    ``biased`` takes the TF step; ``local_step += 1``; ``shadow = biased / (1 - (1 - w) **
+    local_step)``, all in the leaf's dtype. Non-floating leaves are copied.
+    """
+    if not is_inexact(shadow):
+        return (
+            copy_leaf(shadow, value, inplace=inplace),
+            copy_leaf(biased, value, inplace=inplace),
+            local_step,
+        )
+    w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
+    biased = average_leaf(biased, value, weight, inplace=inplace, finite_flags=finite_flags)
+    local_step = local_step.add_(1) if inplace else local_step + 1
+    debiased = biased / (1 - torch.pow(1 - w, local_step))
+    return (shadow.copy_(debiased) if inplace else debiased), biased, local_step
+
+
+def _apply(
+    bound: Bound, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite, *, inplace: bool
+) -> EmaState:
+    """The update leaf by leaf (no engine): pure, or in place where the engine cannot run."""
+    state = bound.state
+    dt, weights = _check_call(bound, decay, dt, nonfinite)
+    flags: list[Tensor] | None = [] if nonfinite == "skip" else None
+    templates = None if inplace else bound.templates  # pure results are DTensors again
+    new: EmaState = {
+        "step": state["step"].add_(dt) if inplace else state["step"] + dt,
+        "params": state["params"],
+        "nonfinite_updates": state["nonfinite_updates"],
+    }
+    if "biased" not in state:
+        new_shadow = [
+            average_leaf(s, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
+            for s, v in zip(bound.shadow, bound.values, strict=True)
+        ]
+    else:
+        biased = local_leaves(optree.tree_leaves(state["biased"]))
+        local_step = optree.tree_leaves(state["local_step"])
+        columns = zip(bound.shadow, biased, local_step, bound.values, strict=True)
+        results = [
+            _debiased_leaf(s, b, n, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
+            for s, b, n, v in columns
+        ]
+        new_shadow = [r[0] for r in results]
+        new["biased"] = optree.tree_unflatten(
+            bound.spec, rewrap(templates, [r[1] for r in results])
+        )
+        new["local_step"] = optree.tree_unflatten(bound.spec, [r[2] for r in results])
+    new["params"] = optree.tree_unflatten(bound.spec, rewrap(templates, new_shadow))
+    if bound.buffer_spec is not None:
+        average = bound.buffer_policy == "average"
+        new_held = [
+            average_leaf(h, c, weights(h.dtype), inplace=inplace, finite_flags=flags)
+            if average
+            else copy_leaf(h, c, inplace=inplace)
+            for h, c in zip(bound.held, bound.current, strict=True)
+        ]
+        buffer_templates = None if inplace else bound.buffer_templates
+        new["buffers"] = optree.tree_unflatten(
+            bound.buffer_spec, rewrap(buffer_templates, new_held)
+        )
+    new["nonfinite_updates"] = _count_nonfinite(
+        state["nonfinite_updates"], flags or [], inplace=inplace
+    )
+    return state if inplace else new
+
+
+def apply(
+    bound: Bound, decay: Decay | Schedule, dt: int | Tensor = 1, nonfinite: NonFinite = "skip"
+) -> EmaState:
+    """A new state: ``bound.state`` moved by one update (``bound.state`` is not modified)."""
+    return _apply(bound, decay, dt, nonfinite, inplace=False)
+
+
+def apply_(
+    bound: Bound, decay: Decay | Schedule, dt: int | Tensor = 1, nonfinite: NonFinite = "skip"
+) -> EmaState:
+    """Write one update into ``bound.state``'s tensors (the engine's plan where it applies)."""
+    plan = bound.plan
+    if plan is None:
+        return _apply(bound, decay, dt, nonfinite, inplace=True)
+    dt, weights = _check_call(bound, decay, dt, nonfinite)
+    state = bound.state
+    with torch.no_grad():
+        flags = plan.run(weights, mask=nonfinite == "skip")
+        state["step"].add_(dt)
+        _count_nonfinite(state["nonfinite_updates"], flags, inplace=True)
+    return state
+
+
+def update(
+    state: EmaState,
+    params: TensorTree,
+    decay: Decay | Schedule,
+    buffers: TensorTree | None = None,
+    *,
+    buffer_policy: BufferPolicy = "copy",
+    dt: int | Tensor = 1,
+    nonfinite: NonFinite = "skip",
+) -> EmaState:
+    r"""Apply one EMA update and return a new state; ``state`` is not modified.
+
+    Per floating leaf, with :math:`w = \mathrm{cast}(\mathrm{f32}(1) - \mathrm{f32}(\beta))`:
+    :math:`\bar\theta \leftarrow \bar\theta - (\bar\theta - \theta) w` (see
+    :func:`ema_update`), or TF's zero-debiased form when the state was made with
+    ``zero_debias=True``. Integer leaves are copied; ``step`` advances by ``dt``.
+
+    Args:
+        state: From :func:`init` or a previous update.
+        params: The current values, with the structure of ``state["params"]``.
+        decay: :math:`\beta`: a Python float, a 0-dim floating tensor, or a schedule (e.g.
+            :func:`tf_warmup`, :func:`power`), called as ``schedule(t, dt)`` with
+            ``t = state["step"] + dt``, the step this update reaches.
+        buffers: The current buffers; required exactly when :func:`init` got buffers.
+        buffer_policy: ``"copy"`` (default: the averaged model uses the latest buffers, as
+            the classic ``EMA`` snippet does) or ``"average"`` (floating buffers are averaged
+            like parameters; integer buffers are always copied).
+        dt: Steps this update covers (an int >= 1 or a 0-dim integer tensor), for updates
+            every ``dt`` steps or after skipped steps: a constant decay is applied as
+            :math:`\beta^{dt}` and schedules get ``dt``, so the average's time constant does
+            not depend on how often you update. ``dt=1`` is TF's update, bit for bit.
+        nonfinite: ``"skip"`` (default): NaN/Inf values leave their averages unchanged and
+            ``state["nonfinite_updates"]`` counts the update, on the device (no host sync);
+            ``"raise"``: a ``ValueError`` naming the leaf before anything is written (reads a
+            flag on the host); ``"propagate"``: average them in, as TF does.
+
+    Returns:
+        The new :class:`EmaState`, differentiable with respect to ``params``.
+
+    Raises:
+        ValueError: Mismatched structure, shapes or devices, or ``decay``/``dt`` out of range.
+        TypeError: Non-tensor leaves, wrong dtypes or a malformed state.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> state = fe.init({"w": torch.zeros(2)})
+        >>> state = fe.update(state, {"w": torch.ones(2)}, decay=0.9)
+        >>> fe.average(state)["w"], int(state["step"])
+        (tensor([0.1000, 0.1000]), 1)
+    """
+    bound = validate("update", state, params, buffers, buffer_policy)
+    return apply(bound, decay, dt, nonfinite)
+
+
+@torch.no_grad()
+def update_(
+    state: EmaState,
+    params: TensorTree,
+    decay: Decay | Schedule,
+    buffers: TensorTree | None = None,
+    *,
+    buffer_policy: BufferPolicy = "copy",
+    dt: int | Tensor = 1,
+    nonfinite: NonFinite = "skip",
+) -> EmaState:
+    """In-place twin of :func:`update`: write the new values into ``state``'s tensors.
+
+    Same TF step and bits as :func:`update`; every check runs before the first write.
+
+    Args:
+        state: Modified in place.
+        params: The current values, with the structure of ``state["params"]``.
+        decay: A float, a 0-dim floating tensor or a schedule, as in :func:`update`.
+        buffers: The current buffers; required exactly when :func:`init` got buffers.
+        buffer_policy: ``"copy"`` or ``"average"``, as in :func:`update`.
+        dt: Steps this update covers, as in :func:`update`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`update`.
+
+    Returns:
+        ``state`` itself.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> state = fe.init({"w": torch.zeros(2)})
+        >>> _ = fe.update_(state, {"w": torch.ones(2)}, decay=0.9)
+        >>> fe.average(state)["w"]
+        tensor([0.1000, 0.1000])
+    """
+    bound = validate("update_", state, params, buffers, buffer_policy)
+    return apply_(bound, decay, dt, nonfinite)
