@@ -1,8 +1,16 @@
-"""Formatting helpers for error messages: ``api: what at 'path': expected X, got Y. Fix.``."""
+"""Error messages as code: ``api: what at 'path': expected X, got Y. Fix.``.
+
+Every error the package raises for bad input is built here: :func:`wrong_type` (a
+``TypeError``: the value has the wrong type or dtype) and :func:`wrong_value` (a
+``ValueError``: the right type with a wrong value, shape or structure), with :func:`describe`
+for the "got" part and the helpers that list names.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from torch import Tensor
 
 
 _WRAPPER_SEGMENTS = ("module", "_orig_mod")
@@ -38,3 +46,41 @@ def prefix_hint(missing: set[str], extra: set[str], missing_side: str, extra_sid
         " (`model.module` for DDP, `model._orig_mod` for torch.compile), or strip the prefix"
         " from the keys."
     )
+
+
+def message(api: str, what: str, path: str, expected: object, got: object, fix: str) -> str:
+    """The one error format: ``api: what at 'path': expected X, got Y. Fix.``.
+
+    ``path`` is a leaf path (``'0.weight'``), an argument (``'decay'``) or ``'<root>'``.
+    """
+    return f"{api}: {what} at {path!r}: expected {expected}, got {got}. {fix}"
+
+
+def wrong_type(
+    api: str, what: str, path: str, expected: object, got: object, fix: str
+) -> TypeError:
+    """A :func:`message` as ``TypeError``: the value has the wrong type (or dtype)."""
+    return TypeError(message(api, what, path, expected, got, fix))
+
+
+def wrong_value(
+    api: str, what: str, path: str, expected: object, got: object, fix: str
+) -> ValueError:
+    """A :func:`message` as ``ValueError``: right type, wrong value, shape or structure."""
+    return ValueError(message(api, what, path, expected, got, fix))
+
+
+def describe(value: object) -> str:
+    """A short description of ``value`` for the "got" part of a message.
+
+    Tensors by shape and dtype (DTensors with their placements), other values by type and
+    a repr cut to 40 characters.
+    """
+    if isinstance(value, Tensor):
+        placements = getattr(value, "placements", None)
+        if placements is not None and hasattr(value, "device_mesh"):
+            return f"a DTensor with placements {tuple(placements)} on {value.device_mesh}"
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} ({text})"
