@@ -1,6 +1,23 @@
 """functional_ema: TensorFlow-exact exponential moving averages of PyTorch weights.
 
 A functional core over ``torch.func`` and optree pytrees, and a thin ``nn.Module`` adapter.
+This module only re-exports. The private modules form layers; each imports only from the
+layers below it (import-linter checks this in CI, with the contracts in ``pyproject.toml``):
+
+1. Base: ``_types`` (type aliases), ``_errors`` (the message constructors), ``_compat``
+   (every private torch API, probed once, with a tested fallback).
+2. Tensors and trees: ``_arith`` (the TF step and the non-finite masking, written once),
+   ``_kernels`` (compiled from ``_arith``), ``_engine`` (in-place plans over regions),
+   ``_tree`` (pytree checks with leaf paths), ``_decay`` (decays, intervals, TF's weight),
+   ``_dtensor`` (shard-local DTensor updates).
+3. Functional core: ``_core`` (``ema_update``), ``_state`` (``EmaState``, ``init``),
+   ``_update`` (``update``: validate, then apply purely or in place), ``_bank`` (decay
+   banks), ``_schedules``.
+4. Persistence: ``_io`` (atomic saves, verified loads), ``_restore`` (checks of a loaded
+   state).
+5. Module glue: ``_fsdp``, ``_storage``, ``_module`` (module state, ``apply``, exports),
+   ``_swap`` (averages swapped into a live model).
+6. Adapters: ``_adapter`` (``EMA``) and ``_posthoc`` (EDM2's post-hoc EMA).
 """
 
 from importlib.metadata import PackageNotFoundError, version

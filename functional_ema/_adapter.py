@@ -19,6 +19,7 @@ from torch.nn.modules.module import (
 from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
 from functional_ema._engine import pack
+from functional_ema._errors import message, wrong_type
 from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
 from functional_ema._module import apply, check_unwrapped, module_state, module_with
 from functional_ema._restore import check_state_dict
@@ -128,13 +129,17 @@ class EMA(nn.Module):
     ) -> None:
         super().__init__()
         api = "EMA"
-        check_unwrapped(api, model)
+        check_unwrapped(api, model, "model")
         if not callable(decay) or isinstance(decay, Tensor):
             decay = check_decay(api, decay)
         elif use_num_updates:
-            raise TypeError(
-                f"{api}: `use_num_updates` at 'decay': expected a constant decay, got the schedule "
-                f"{decay!r}. Pass the schedule alone, or fe.tf_warmup(decay) as the schedule."
+            raise wrong_type(
+                api,
+                "`use_num_updates` with a schedule",
+                "decay",
+                "a constant decay",
+                f"the schedule {decay!r}",
+                "Pass the schedule alone, or fe.tf_warmup(decay) as the schedule.",
             )
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
@@ -200,9 +205,15 @@ class EMA(nn.Module):
         """
         if self._swapped:
             raise RuntimeError(
-                "EMA.update: called inside `with ema.swap():`: the live model holds the "
-                "averages, so this would average them into themselves. Call update() after the "
-                "`with` block."
+                message(
+                    "EMA.update",
+                    "called inside `with ema.swap():`",
+                    "<root>",
+                    "the live weights in the model",
+                    "the averages (swapped in until the block ends)",
+                    "Updating now would average them into themselves: call update() after the "
+                    "`with` block.",
+                )
             )
         if not self.training:
             warnings.warn(
@@ -326,7 +337,16 @@ class EMA(nn.Module):
             True
         """
         if self._swapped:
-            raise RuntimeError("EMA.swap: already inside `with ema.swap():`; do not nest it.")
+            raise RuntimeError(
+                message(
+                    "EMA.swap",
+                    "nested `with ema.swap():`",
+                    "<root>",
+                    "the live weights in the model",
+                    "the averages of the enclosing block",
+                    "Do not nest swap blocks: the model already holds the averages.",
+                )
+            )
         reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
         params, buffers = self._averages_for(self._model)
         with swap_in("EMA.swap", self._model, params, buffers) as model:
@@ -366,9 +386,11 @@ class EMA(nn.Module):
         copied), but shapes and dtypes must match exactly.
 
         Raises:
-            ValueError: Missing or unexpected keys (with ``strict``), shape or dtype
-                mismatches (all listed in one message), or a negative step counter.
-            TypeError: A malformed step counter, or ``state_dict`` not a dict.
+            ValueError: Missing or unexpected keys (with ``strict``) or shape mismatches (all
+                differences listed in one message, dtype mismatches included), or a negative
+                step counter.
+            TypeError: ``state_dict`` is not a dict, or every difference is of type or dtype
+                (a value that is not a tensor, a tensor of another dtype).
         """
         state_dict = check_state_dict(
             "EMA.load_state_dict", state_dict, self.state_dict(keep_vars=True), strict=strict

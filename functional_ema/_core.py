@@ -16,6 +16,7 @@ from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, weight_as
 from functional_ema._dtensor import localize, rewrap
 from functional_ema._engine import build_plan, fast_path_ok
+from functional_ema._errors import check_choice, wrong_value
 from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
 
@@ -43,11 +44,14 @@ def split_by_kind(
 
 def check_policy(api: str, nonfinite: object) -> None:
     """Validate the non-finite policy."""
-    if nonfinite not in ("skip", "raise", "propagate"):
-        raise ValueError(
-            f"{api}: `nonfinite` must be 'skip', 'raise' or 'propagate', got {nonfinite!r}. "
-            "'skip' (the default) leaves NaN/Inf values out of the average."
-        )
+    check_choice(
+        api,
+        "nonfinite",
+        nonfinite,
+        ("skip", "raise", "propagate"),
+        "'skip' (the default) leaves NaN/Inf values out of the average, 'raise' rejects the "
+        "update, 'propagate' averages them in as TF does.",
+    )
 
 
 def raise_if_nonfinite(
@@ -57,11 +61,14 @@ def raise_if_nonfinite(
     for index, (s, v) in enumerate(zip(shadow, values, strict=True)):
         if is_inexact(s) and not bool(torch.isfinite(v).all()):
             nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
-            raise ValueError(
-                f"{api}: non-finite value at {leaf_paths(tree)[index]!r}: expected finite "
-                f"{name}, got {nan} NaN and {inf} Inf. Nothing was updated. Find the cause "
-                "(learning rate, loss scale), or pass nonfinite='skip' to leave such values "
-                "out of the average."
+            raise wrong_value(
+                api,
+                "non-finite value",
+                leaf_paths(tree)[index],
+                f"finite {name}",
+                f"{nan} NaN and {inf} Inf",
+                "Nothing was updated. Find the cause (learning rate, loss scale), or pass "
+                "nonfinite='skip' to leave such values out of the average.",
             )
 
 
@@ -124,10 +131,11 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
         torch expression; pass detached tensors to keep no autograd history.
 
     Raises:
-        ValueError: If structure, shapes or devices differ, ``decay`` is out of range, or
-            (with ``nonfinite="raise"``) ``params`` holds NaN or Inf.
-        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
-            wrong type.
+        ValueError: If structure, shapes or devices differ, ``decay`` is out of range,
+            ``nonfinite`` is not one of its options, or (with ``nonfinite="raise"``)
+            ``params`` holds NaN or Inf.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` or
+            ``nonfinite`` has the wrong type.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -159,10 +167,11 @@ def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "s
         ``shadow`` itself.
 
     Raises:
-        ValueError: If structure, shapes or devices differ, ``decay`` is out of range, or
-            (with ``nonfinite="raise"``) ``params`` holds NaN or Inf.
-        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` has the
-            wrong type.
+        ValueError: If structure, shapes or devices differ, ``decay`` is out of range,
+            ``nonfinite`` is not one of its options, or (with ``nonfinite="raise"``)
+            ``params`` holds NaN or Inf.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` or
+            ``nonfinite`` has the wrong type.
 
     Example:
         >>> import torch, functional_ema as fe

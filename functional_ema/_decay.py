@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from functional_ema._compat import is_functorch_wrapped
+from functional_ema._errors import describe, wrong_type, wrong_value
 from functional_ema._types import Decay, Schedule
 
 
@@ -25,35 +26,52 @@ def _host_readable(tensor: Tensor) -> bool:
     )
 
 
-def check_decay(api: str, decay: object) -> Decay:
+def check_decay(api: str, decay: object, path: str = "decay") -> Decay:
     """Validate ``decay`` and return it as a Python float or a 0-dim floating tensor.
 
     Python numbers are checked to lie in [0, 1]. Tensor values are not read (that would be a
-    host sync on an accelerator); only their shape and dtype are checked.
+    host sync on an accelerator); only their shape and dtype are checked. ``path`` names the
+    argument in messages (e.g. ``'min_decay'`` or ``'decays[1]'``).
     """
     if isinstance(decay, Tensor):
         if decay.ndim != 0:
-            raise ValueError(
-                f"{api}: `decay` must be a scalar: expected a 0-dim tensor, got shape "
-                f"{tuple(decay.shape)}. Pass one decay per call (use torch.func.vmap for one "
-                "decay per ensemble member)."
+            raise wrong_value(
+                api,
+                "decay not a scalar",
+                path,
+                "a 0-dim tensor",
+                describe(decay),
+                "Pass one decay per call (use torch.func.vmap for one decay per ensemble member).",
             )
         if not decay.is_floating_point():
-            raise TypeError(
-                f"{api}: `decay` must be a floating tensor: expected e.g. torch.float32, got "
-                f"{decay.dtype}. Pass torch.tensor(0.999) or a Python float."
+            raise wrong_type(
+                api,
+                "decay of a non-floating dtype",
+                path,
+                "a 0-dim floating tensor, e.g. torch.float32",
+                describe(decay),
+                "Pass torch.tensor(0.999) or a Python float.",
             )
         return decay
     if isinstance(decay, bool) or not isinstance(decay, int | float):
-        raise TypeError(
-            f"{api}: `decay` must be a Python float or a 0-dim floating tensor, got "
-            f"{type(decay).__name__} ({decay!r}). Pass e.g. decay=0.999."
+        raise wrong_type(
+            api,
+            "decay of the wrong type",
+            path,
+            "a Python float or a 0-dim floating tensor",
+            describe(decay),
+            "Pass e.g. decay=0.999.",
         )
     value = float(decay)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"{api}: `decay` must be in [0, 1], got {value!r}. 1.0 freezes the average and 0.0 "
-            "follows the values; typical values are 0.99 to 0.9999."
+        raise wrong_value(
+            api,
+            "decay out of range",
+            path,
+            "a number in [0, 1]",
+            repr(value),
+            "Pass a decay in [0, 1]: 1.0 freezes the average and 0.0 follows the values; "
+            "typical values are 0.99 to 0.9999.",
         )
     return value
 
@@ -85,28 +103,42 @@ def weight_as(weight: float | Tensor, dtype: torch.dtype) -> float | Tensor:
     return torch.tensor(weight, dtype=dtype).item()
 
 
+_COUNT_FIX = "Pass the number of updates applied so far (0 before the first one)."
+
+
 def _check_count(api: str, num_updates: object) -> Tensor | int:
     if isinstance(num_updates, Tensor):
         if num_updates.is_complex() or num_updates.dtype == torch.bool:
-            raise TypeError(
-                f"{api}: `num_updates` must be an integer count, got a tensor of dtype "
-                f"{num_updates.dtype}. Pass e.g. torch.tensor(step, dtype=torch.int64)."
+            raise wrong_type(
+                api,
+                "num_updates of a non-integer dtype",
+                "num_updates",
+                "an integer tensor, e.g. torch.int64",
+                describe(num_updates),
+                "Pass e.g. torch.tensor(step, dtype=torch.int64).",
             )
         if _host_readable(num_updates) and bool((num_updates < 0).any()):
-            raise ValueError(
-                f"{api}: `num_updates` must be >= 0, got {num_updates.tolist()}. Pass the number "
-                "of updates applied so far (0 before the first one)."
+            raise wrong_value(
+                api,
+                "negative num_updates",
+                "num_updates",
+                "a count >= 0",
+                num_updates.tolist(),
+                _COUNT_FIX,
             )
         return num_updates
     if isinstance(num_updates, bool) or not isinstance(num_updates, int):
-        raise TypeError(
-            f"{api}: `num_updates` must be an int or an integer tensor, got "
-            f"{type(num_updates).__name__} ({num_updates!r}). Pass the update count, e.g. 0."
+        raise wrong_type(
+            api,
+            "num_updates of the wrong type",
+            "num_updates",
+            "an int or an integer tensor",
+            describe(num_updates),
+            "Pass the number of updates applied so far, e.g. 0.",
         )
     if num_updates < 0:
-        raise ValueError(
-            f"{api}: `num_updates` must be >= 0, got {num_updates}. Pass the number of updates "
-            "applied so far (0 before the first one)."
+        raise wrong_value(
+            api, "negative num_updates", "num_updates", "a count >= 0", num_updates, _COUNT_FIX
         )
     return num_updates
 
@@ -157,25 +189,24 @@ def tf_decay(decay: Decay, num_updates: int | Tensor) -> Tensor:
     return torch.minimum(decay32, (1.0 + count32) / (10.0 + count32))
 
 
+_INTERVAL_FIX = "Pass the number of steps since the last update (1 when you update every step)."
+
+
 def check_interval(api: str, dt: object) -> int | Tensor:
     """Validate the number of steps an update covers: an int >= 1 or a 0-dim int tensor."""
+    expected = "an int >= 1 or a 0-dim integer tensor"
     if isinstance(dt, Tensor):
-        if dt.ndim != 0 or dt.is_floating_point() or dt.is_complex() or dt.dtype == torch.bool:
-            raise TypeError(
-                f"{api}: `dt` must be an int or a 0-dim integer tensor, got a tensor of shape "
-                f"{tuple(dt.shape)} and dtype {dt.dtype}. Pass the steps since the last update."
+        if dt.is_floating_point() or dt.is_complex() or dt.dtype == torch.bool:
+            raise wrong_type(
+                api, "dt of a non-integer dtype", "dt", expected, describe(dt), _INTERVAL_FIX
             )
+        if dt.ndim != 0:
+            raise wrong_value(api, "dt not a scalar", "dt", expected, describe(dt), _INTERVAL_FIX)
         return dt
     if isinstance(dt, bool) or not isinstance(dt, int):
-        raise TypeError(
-            f"{api}: `dt` must be an int or a 0-dim integer tensor, got "
-            f"{type(dt).__name__} ({dt!r}). Pass the steps since the last update, e.g. dt=1."
-        )
+        raise wrong_type(api, "dt of the wrong type", "dt", expected, describe(dt), _INTERVAL_FIX)
     if dt < 1:
-        raise ValueError(
-            f"{api}: `dt` must be >= 1, got {dt}. Pass the number of steps since the last "
-            "update (1 when you update every step)."
-        )
+        raise wrong_value(api, "dt out of range", "dt", "an int >= 1", dt, _INTERVAL_FIX)
     return dt
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from functional_ema._engine import pack as _pack_plain
+from functional_ema._errors import describe, wrong_value
 from functional_ema._tree import leaf_paths
 
 
@@ -70,13 +71,6 @@ def local_leaves(leaves: list[Tensor]) -> list[Tensor]:
     if dtensor_type() is None:
         return leaves
     return [local_tensor(t) for t in leaves]
-
-
-def _describe(tensor: Tensor, dtensor: type) -> str:
-    if isinstance(tensor, dtensor):
-        placements = tuple(tensor.placements)  # type: ignore[attr-defined]
-        return f"a DTensor with placements {placements} on {tensor.device_mesh}"  # type: ignore[attr-defined]
-    return "a plain tensor"
 
 
 _UNSHARDED_FIX = (
@@ -141,17 +135,23 @@ def localize(
             )
         if problem is not None:
             what, fix = problem
-            raise ValueError(
-                f"{api}: {what} at {leaf_paths(tree)[index]!r}: expected "
-                f"{_describe(s, dtensor)} ({names[0]}), got {_describe(v, dtensor)} "
-                f"({names[1]}). {fix}"
+            raise wrong_value(
+                api,
+                what,
+                leaf_paths(tree)[index],
+                f"{describe(s)} ({names[0]})",
+                f"{describe(v)} ({names[1]})",
+                fix,
             )
         local_s, local_v = s.to_local(), v.to_local()
         if local_s.shape != local_v.shape:
-            raise ValueError(
-                f"{api}: local shard mismatch at {leaf_paths(tree)[index]!r}: expected shape "
-                f"{tuple(local_s.shape)} ({names[0]}), got {tuple(local_v.shape)} ({names[1]}). "
-                "Both sides must be sharded alike: create the EMA from these parameters."
+            raise wrong_value(
+                api,
+                "local shard mismatch",
+                leaf_paths(tree)[index],
+                f"shape {tuple(local_s.shape)} ({names[0]})",
+                f"{tuple(local_v.shape)} ({names[1]})",
+                "Both sides must be sharded alike: create the EMA from these parameters.",
             )
         if templates is None:
             templates = [None] * len(shadow)

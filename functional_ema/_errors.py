@@ -3,12 +3,13 @@
 Every error the package raises for bad input is built here: :func:`wrong_type` (a
 ``TypeError``: the value has the wrong type or dtype) and :func:`wrong_value` (a
 ``ValueError``: the right type with a wrong value, shape or structure), with :func:`describe`
-for the "got" part and the helpers that list names.
+for the "got" part, :func:`check_choice` for options given as strings, and the helpers that
+list names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
@@ -73,8 +74,8 @@ def wrong_value(
 def describe(value: object) -> str:
     """A short description of ``value`` for the "got" part of a message.
 
-    Tensors by shape and dtype (DTensors with their placements), other values by type and
-    a repr cut to 40 characters.
+    Tensors by shape and dtype (DTensors by their placements and mesh), other values by type
+    and a repr cut to 40 characters.
     """
     if isinstance(value, Tensor):
         placements = getattr(value, "placements", None)
@@ -84,3 +85,18 @@ def describe(value: object) -> str:
     text = repr(value)
     text = text if len(text) <= 40 else text[:37] + "..."
     return f"{type(value).__name__} ({text})"
+
+
+def check_choice(api: str, path: str, value: object, choices: Sequence[str], fix: str) -> None:
+    """Check an option given as one of a few strings (``nonfinite``, ``buffer_policy``).
+
+    Raises:
+        TypeError: ``value`` is not a string.
+        ValueError: ``value`` is a string but not one of ``choices``.
+    """
+    names = [repr(choice) for choice in choices]
+    expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    if not isinstance(value, str):
+        raise wrong_type(api, "option of the wrong type", path, expected, describe(value), fix)
+    if value not in choices:
+        raise wrong_value(api, "unknown option", path, expected, repr(value), fix)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from functional_ema._compat import fsdp_unsharded
+from functional_ema._errors import wrong_value
 
 
 def _fsdp_types() -> tuple[Any, Any]:
@@ -39,12 +40,15 @@ def check_sharded(api: str, module: nn.Module) -> None:
     """
     for name, fsdp_module in fsdp_modules(module):
         if fsdp_unsharded(fsdp_module):
-            raise ValueError(
-                f"{api}: unsharded FSDP2 parameters at {name!r}: expected the sharded DTensor "
-                "parameters, got the gathered full tensors that fully_shard leaves registered "
-                "after a forward without backward (e.g. an evaluation under torch.no_grad()). "
+            raise wrong_value(
+                api,
+                "unsharded FSDP2 parameters",
+                name,
+                "the sharded DTensor parameters",
+                "the gathered full tensors that fully_shard leaves registered after a forward "
+                "without backward (e.g. an evaluation under torch.no_grad())",
                 "Call model.reshard() first: it frees the gathered copies and communicates "
-                "nothing; the next forward gathers again."
+                "nothing; the next forward gathers again.",
             )
 
 
@@ -59,9 +63,13 @@ def reject_fsdp(api: str, module: nn.Module, why: str, fix: str) -> None:
     found = fsdp_modules(module)
     if found:
         name, fsdp_module = found[0]
-        raise ValueError(
-            f"{api}: FSDP2 module at {name!r}: expected a module that is not sharded with "
-            f"fully_shard, got {type(fsdp_module).__name__}. {why} {fix}"
+        raise wrong_value(
+            api,
+            "FSDP2 module",
+            name,
+            "a module that is not sharded with fully_shard",
+            type(fsdp_module).__name__,
+            f"{why} {fix}",
         )
 
 
@@ -69,12 +77,16 @@ def reject_fsdp1(api: str, module: nn.Module) -> None:
     """Raise for an FSDP1 ``FullyShardedDataParallel`` wrapper (flat parameters)."""
     _, fsdp1 = _fsdp_types()
     if fsdp1 is not None and isinstance(module, fsdp1):
-        raise ValueError(
-            f"{api}: wrapped model at '<root>': expected the model itself, got "
+        raise wrong_value(
+            api,
+            "wrapped model",
+            "<root>",
+            "the model itself",
             "FullyShardedDataParallel, whose parameters are flattened under the "
-            "'_fsdp_wrapped_module.' prefix. Shard with FSDP2 instead "
-            "(torch.distributed.fsdp.fully_shard): its DTensor parameters keep their names "
-            "and the EMA keeps them sharded, with no communication per update."
+            "'_fsdp_wrapped_module.' prefix",
+            "Shard with FSDP2 instead (torch.distributed.fsdp.fully_shard): its DTensor "
+            "parameters keep their names and the EMA keeps them sharded, with no communication "
+            "per update.",
         )
 
 

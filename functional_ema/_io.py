@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from functional_ema._errors import message, wrong_type, wrong_value
+
 
 PathLike = str | os.PathLike[str]
 
@@ -189,11 +191,14 @@ def _check_loadable(api: str, obj: Any, temp: str, target: str) -> None:
             if found is not None
             else ("<root>", f"a value torch refuses ({str(error).splitlines()[0]})")
         )
-        raise TypeError(
-            f"{api}: value that torch.load(weights_only=True) cannot read at {where!r} of `obj`: "
-            f"expected tensors, numbers, strings and dict/list/tuple containers, got {got}. "
+        raise wrong_type(
+            api,
+            "value that torch.load(weights_only=True) cannot read",
+            where,
+            "tensors, numbers, strings and dict/list/tuple containers in `obj`",
+            got,
             f"Convert it (e.g. a dataclass or namedtuple to a dict) before saving; {target!r} "
-            "was not modified."
+            "was not modified.",
         ) from None
     del loaded
 
@@ -202,9 +207,13 @@ def _check_loadable(api: str, obj: Any, temp: str, target: str) -> None:
 
 
 def _unreadable(path: str, got: str, fix: str) -> ValueError:
-    return ValueError(
-        f"load: unreadable checkpoint at {path!r}: expected a file written by torch.save "
-        f"(functional_ema.save), got {got}. {fix}"
+    return wrong_value(
+        "load",
+        "unreadable checkpoint",
+        path,
+        "a file written by torch.save (functional_ema.save)",
+        got,
+        fix,
     )
 
 
@@ -268,23 +277,32 @@ def load(path: PathLike, *, map_location: Any = None, verify: bool = True) -> An
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise FileNotFoundError(
-            f"load: no checkpoint at {name!r}: expected a file, got "
-            f"{'a directory' if os.path.isdir(name) else 'nothing'}. Check the path."
+            message(
+                "load",
+                "no checkpoint",
+                name,
+                "a file",
+                "a directory" if os.path.isdir(name) else "nothing",
+                "Check the path.",
+            )
         )
     if verify:
         _verify_archive(name)
     try:
         return torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        message = str(error)
-        if "Weights only load failed" in message:
-            found = re.search(r"Unsupported global: GLOBAL [\w.]+", message)
-            detail = found.group(0) if found else message.splitlines()[0][:120]
-            raise ValueError(
-                f"load: checkpoint at {name!r} holds objects that torch.load(weights_only=True) "
-                f"refuses: expected tensors, numbers, strings and containers, got {detail}. "
+        text = str(error)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+            detail = found.group(0) if found else text.splitlines()[0][:120]
+            raise wrong_value(
+                "load",
+                "checkpoint holding objects that torch.load(weights_only=True) refuses",
+                name,
+                "tensors, numbers, strings and containers",
+                detail,
                 "Save plain state (functional_ema.save checks this); if you trust the file, "
-                "register the class with torch.serialization.add_safe_globals."
+                "register the class with torch.serialization.add_safe_globals.",
             ) from None
         raise _unreadable(name, *_what_failed(name, error)) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:

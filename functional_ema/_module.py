@@ -11,18 +11,25 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from functional_ema._dtensor import dtensor_type
 from functional_ema._engine import pack
-from functional_ema._errors import prefix_hint, short_list
+from functional_ema._errors import describe, prefix_hint, short_list, wrong_type, wrong_value
 from functional_ema._fsdp import APPLY_FIX, APPLY_WHY, check_sharded, reject_fsdp, reject_fsdp1
 from functional_ema._storage import register_layout
 from functional_ema._types import Buffers, Params
 
 
-def check_unwrapped(api: str, module: nn.Module) -> None:
-    """Reject DDP / DataParallel / torch.compile / FSDP1 wrappers, whose names carry a prefix."""
+def check_unwrapped(api: str, module: nn.Module, name: str = "module") -> None:
+    """Reject DDP / DataParallel / torch.compile / FSDP1 wrappers, whose names carry a prefix.
+
+    ``name`` is the argument's name in messages.
+    """
     if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"{api}: `module` must be a torch.nn.Module, got {type(module).__name__}. "
-            "For a tree of tensors use init / update / ema_update directly."
+        raise wrong_type(
+            api,
+            "not a module",
+            name,
+            "a torch.nn.Module",
+            describe(module),
+            "For a tree of tensors use init / update / ema_update directly.",
         )
     reject_fsdp1(api, module)
     if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
@@ -31,12 +38,29 @@ def check_unwrapped(api: str, module: nn.Module) -> None:
         prefix, fix = "_orig_mod.", "model._orig_mod"
     else:
         return
-    raise ValueError(
-        f"{api}: wrapped model at '<root>': expected the model itself, got "
-        f"{type(module).__name__}, whose parameter names carry the {prefix!r} prefix. "
+    raise wrong_value(
+        api,
+        "wrapped model",
+        "<root>",
+        "the model itself",
+        f"{type(module).__name__}, whose parameter names carry the {prefix!r} prefix",
         f"Pass `{fix}` instead (it shares the same parameters), so names and checkpoints match "
-        "the bare model."
+        "the bare model.",
     )
+
+
+def check_materialised(api: str, module: nn.Module, fix: str) -> None:
+    """Reject a lazy module whose parameters or buffers are not materialised yet."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if isinstance(tensor, UninitializedTensorMixin):
+            raise wrong_value(
+                api,
+                "uninitialized lazy tensor",
+                name,
+                "a materialised tensor",
+                f"an {type(tensor).__name__}",
+                f"Run one forward pass on a real batch {fix}.",
+            )
 
 
 def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Params, Buffers]:
@@ -79,13 +103,7 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
     check_sharded(api, module)
     params: Params = {}
     buffers: Buffers = {}
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if isinstance(tensor, UninitializedTensorMixin):
-            raise ValueError(
-                f"{api}: uninitialized lazy tensor at {name!r}: expected a materialised tensor, "
-                "got an UninitializedParameter. Run one forward pass on a real batch before "
-                "creating the EMA."
-            )
+    check_materialised(api, module, "before creating the EMA")
     for name, param in module.named_parameters():
         target = params if param.requires_grad or not trainable_only else buffers
         target[name] = param.detach()
@@ -95,17 +113,37 @@ def module_state(module: nn.Module, *, trainable_only: bool = True) -> tuple[Par
 
 
 def check_keys(api: str, module: nn.Module, params: Params, buffers: Buffers) -> None:
+    """Check ``params`` and ``buffers`` name every tensor of ``module`` once, and nothing else."""
+    fix = "Build it with functional_ema.module_state(model)."
     for label, tree in (("params", params), ("buffers", buffers)):
-        if not isinstance(tree, dict) or not all(isinstance(t, Tensor) for t in tree.values()):
-            raise TypeError(
-                f"{api}: `{label}` must be a dict of tensors keyed by module names, got "
-                f"{type(tree).__name__}. Build it with functional_ema.module_state(model)."
+        if not isinstance(tree, dict):
+            raise wrong_type(
+                api,
+                "not a dict of tensors",
+                label,
+                "a dict of tensors keyed by module names",
+                describe(tree),
+                fix,
             )
+        for name, value in tree.items():
+            if not isinstance(value, Tensor):
+                raise wrong_type(
+                    api,
+                    f"non-tensor value in `{label}`",
+                    str(name),
+                    "a torch.Tensor",
+                    describe(value),
+                    fix,
+                )
     both = set(params) & set(buffers)
     if both:
-        raise ValueError(
-            f"{api}: names given twice at {short_list(both)}: expected each name in `params` or "
-            "`buffers`, got both. Remove the duplicates from one of them."
+        raise wrong_value(
+            api,
+            "names given twice",
+            "<root>",
+            "each name in `params` or `buffers`",
+            f"{short_list(both)} in both",
+            "Remove the duplicates from one of them.",
         )
     required = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
@@ -114,10 +152,14 @@ def check_keys(api: str, module: nn.Module, params: Params, buffers: Buffers) ->
     missing, extra = required - given, given - known
     if missing or extra:
         hint = prefix_hint(missing, extra, "the module", "`params`/`buffers`")
-        raise ValueError(
-            f"{api}: names do not match {type(module).__name__}: missing "
-            f"{short_list(missing)}, unexpected {short_list(extra)}. Pass every parameter and "
-            f"buffer of the module (functional_ema.module_state gives both).{hint}"
+        raise wrong_value(
+            api,
+            f"names do not match {type(module).__name__}",
+            "<root>",
+            "every parameter and buffer name of the module",
+            f"missing {short_list(missing)}, unexpected {short_list(extra)}",
+            "Pass every parameter and buffer of the module (functional_ema.module_state gives "
+            f"both).{hint}",
         )
 
 
@@ -229,13 +271,8 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         "fully_shard owns the parameters' storage.",
         "Skip this call: the averages of an FSDP2 model are already laid out contiguously.",
     )
+    check_materialised(api, module, "before flattening")
     named = sorted(module.named_parameters(), key=lambda item: item[0])
-    for name, param in named:
-        if isinstance(param, UninitializedTensorMixin):
-            raise ValueError(
-                f"{api}: uninitialized lazy tensor at {name!r}: expected a materialised tensor, "
-                "got an UninitializedParameter. Run one forward pass before flattening."
-            )
     trainable = [p for _, p in named if p.requires_grad]
     # The EMA copies frozen parameters with the buffers, in one tree sorted by name: laid out
     # in that order they are one region too, copied with one operation.
@@ -309,7 +346,7 @@ def full_state_dict(
         <All keys matched successfully>
     """
     api = "full_state_dict"
-    check_unwrapped(api, model)
+    check_unwrapped(api, model, "model")
     if buffers is None:
         buffers = module_state(model)[1]
     check_keys(api, model, params, buffers)

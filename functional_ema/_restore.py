@@ -7,14 +7,19 @@ and names saved through a DDP or ``torch.compile`` wrapper are mapped to the mod
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import optree
-import torch
 from torch import Tensor
 
-from functional_ema._errors import short_list, strip_wrapper_prefixes
-from functional_ema._state import EmaState, check_state_structure
+from functional_ema._errors import (
+    describe,
+    short_list,
+    strip_wrapper_prefixes,
+    wrong_type,
+    wrong_value,
+)
+from functional_ema._state import EmaState, check_counter, check_state_structure
 from functional_ema._tree import check_tensor_leaves, leaf_paths
 
 
@@ -55,17 +60,27 @@ def _rename(tree: Any, reference: Any) -> Any:
     return {mapping[key]: value for key, value in tree.items()}
 
 
+class Problem(NamedTuple):
+    """One difference of a loaded tensor: ``mismatch at 'name': expected ..., got ...``.
+
+    ``of_type`` when the value is not a tensor or only its dtype differs.
+    """
+
+    text: str
+    of_type: bool
+
+
 def describe_mismatch(
-    missing: Iterable[str], unexpected: Iterable[str], problems: list[str]
+    missing: Iterable[str], unexpected: Iterable[str], problems: list[Problem]
 ) -> str:
-    """``keys do not match: missing [...], unexpected [...]; mismatch at ...`` (non-empty parts)."""
+    """``missing keys [...], unexpected keys [...]; mismatch at ...`` (non-empty parts)."""
     parts = []
     missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected:
         parts.append(
-            f"keys do not match: missing {short_list(missing)}, unexpected {short_list(unexpected)}"
+            f"missing keys {short_list(missing)}, unexpected keys {short_list(unexpected)}"
         )
-    parts.extend(problems[:8])
+    parts.extend(problem.text for problem in problems[:8])
     if len(problems) > 8:
         parts.append(f"... ({len(problems) - 8} more mismatches)")
     return "; ".join(parts)
@@ -75,35 +90,42 @@ def _spec(tensor: Tensor, device: bool) -> str:
     return f"{tuple(tensor.shape)} {tensor.dtype}" + (f" on {tensor.device}" if device else "")
 
 
-def tensor_problem(name: str, got: Any, expected: Tensor, *, device: bool = True) -> str | None:
-    """``mismatch at 'name': expected <shape> <dtype>, got ...`` when they differ, else None."""
+def tensor_problem(name: str, got: Any, expected: Tensor, *, device: bool = True) -> Problem | None:
+    """The :class:`Problem` of ``got`` where ``expected`` is wanted, or ``None``."""
     if not isinstance(got, Tensor):
-        return f"mismatch at {name!r}: expected a tensor, got {type(got).__name__}"
+        return Problem(f"mismatch at {name!r}: expected a tensor, got {describe(got)}", True)
     show_device = device and got.device != expected.device
     if got.shape != expected.shape or got.dtype != expected.dtype or show_device:
-        return (
+        text = (
             f"mismatch at {name!r}: expected {_spec(expected, show_device)}, got "
             f"{_spec(got, show_device)}"
         )
+        return Problem(text, got.shape == expected.shape and not show_device)
     return None
+
+
+def _mismatch(
+    api: str, what: str, path: str, expected: str, got: str, fix: str, *, type_only: bool
+) -> TypeError | ValueError:
+    """The one error listing every difference: a ``TypeError`` when all are of type or dtype."""
+    constructor = wrong_type if type_only else wrong_value
+    return constructor(api, what, path, expected, got, fix)
+
+
+_CHECKPOINT_FIX = "The checkpoint was modified or not saved from an EMA: save the EMA's own state."
 
 
 def check_step(api: str, step: Any, where: str) -> None:
     """A saved step counter: a 0-dim int64 tensor >= 0 (read on the host: load time only)."""
-    if not isinstance(step, Tensor) or step.ndim != 0 or step.dtype != torch.int64:
-        got = (
-            f"shape {tuple(step.shape)}, dtype {step.dtype}"
-            if isinstance(step, Tensor)
-            else type(step).__name__
-        )
-        raise TypeError(
-            f"{api}: step counter at {where!r}: expected a 0-dim int64 tensor, got {got}. The "
-            "checkpoint was modified or not saved from an EMA: save the EMA's own state."
-        )
+    check_counter(api, step, where, _CHECKPOINT_FIX)
     if step.device.type != "meta" and int(step) < 0:
-        raise ValueError(
-            f"{api}: step counter at {where!r}: expected a count >= 0, got {int(step)}. The "
-            "checkpoint is corrupted: load an earlier one."
+        raise wrong_value(
+            api,
+            "negative counter",
+            where,
+            "a count >= 0",
+            int(step),
+            "The checkpoint is corrupted: load an earlier one.",
         )
 
 
@@ -126,9 +148,12 @@ def check_state(state: Any, like: EmaState) -> EmaState:
         :func:`update`.
 
     Raises:
-        TypeError: If ``state`` is not an :class:`EmaState` or its step counter is malformed.
-        ValueError: Missing or unexpected names, shape, dtype or device mismatches, entries
-            that ``like`` lacks or has, or a negative step.
+        TypeError: If ``state`` is not an :class:`EmaState`, its step counter is not an int64
+            tensor, or every difference is of type or dtype (a value that is not a tensor, a
+            tensor of another dtype).
+        ValueError: Missing or unexpected names, shape or device mismatches (with dtype
+            mismatches, if any, in the same message), entries that ``like`` lacks or has, a
+            step counter that is not 0-dim, or a negative step.
 
     Example:
         >>> import os, tempfile, torch, functional_ema as fe
@@ -147,22 +172,32 @@ def check_state(state: Any, like: EmaState) -> EmaState:
         state = {("nonfinite_updates" if k == "nonfinite" else k): v for k, v in state.items()}
     for label, value in (("like", like), ("state", state)):
         if not isinstance(value, dict) or not {"step", "params"} <= set(value):
-            got = f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
-            raise TypeError(
-                f"{api}: `{label}` at '<root>': expected an EmaState (a dict with 'step' and "
-                f"'params'), got {got}. Pass the state functional_ema.load read back as `state` "
-                "and functional_ema.init(...) of the current model as `like`."
+            raise wrong_type(
+                api,
+                "not an EmaState",
+                label,
+                "an EmaState (a dict with 'step' and 'params')",
+                f"a dict with keys {short_list(map(str, value))}"
+                if isinstance(value, dict)
+                else describe(value),
+                "Pass the state functional_ema.load read back as `state` and "
+                "functional_ema.init(...) of the current model as `like`.",
             )
-    check_state_structure(api, like)
+    check_state_structure(api, like, "like")
     if set(state) != set(like):
-        raise ValueError(
-            f"{api}: entries at '<root>': expected {sorted(like)} (as in `like`), got "
-            f"{sorted(state)}. Build `like` with the options of the saved state (buffers given "
-            "to init or not, zero_debias)."
+        raise wrong_value(
+            api,
+            "entries",
+            "<root>",
+            f"{sorted(like)} (as in `like`)",
+            sorted(map(str, state)),
+            "Build `like` with the options of the saved state (buffers given to init or not, "
+            "zero_debias).",
         )
     check_step(api, state["step"], "step")
     out: dict[str, Any] = {"step": state["step"]}
-    problems_by_entry = []
+    details: dict[str, str] = {}
+    type_only = True
     ref = cast("dict[str, Any]", like)  # indexed by a variable key: a TypedDict wants literals
     for entry in ref:
         if entry == "step":
@@ -181,18 +216,27 @@ def check_state(state: Any, like: EmaState) -> EmaState:
         if not (missing or unexpected or problems) and optree.tree_structure(
             tree
         ) != optree.tree_structure(ref[entry]):
-            problems.append(
-                f"expected containers {optree.tree_structure(ref[entry])}, got "
+            text = (
+                f"mismatch of containers: expected {optree.tree_structure(ref[entry])}, got "
                 f"{optree.tree_structure(tree)}"
             )
+            problems.append(Problem(text, False))
         if missing or unexpected or problems:
-            detail = describe_mismatch(missing, unexpected, problems)
-            problems_by_entry.append(f"at {entry!r}: {detail}")
-    if problems_by_entry:
-        raise ValueError(
-            f"{api}: state does not match the model {'; '.join(problems_by_entry)}. Load a "
-            "state saved from the same model with the same `dtype` (for another device, "
-            "functional_ema.load(path, map_location=...))."
+            details[entry] = describe_mismatch(missing, unexpected, problems)
+            type_only &= not (missing or unexpected) and all(p.of_type for p in problems)
+    if details:
+        (path, got), *more = details.items()
+        if more:
+            path, got = "<root>", "; ".join(f"at {e!r}: {d}" for e, d in details.items())
+        raise _mismatch(
+            api,
+            "state does not match the model",
+            path,
+            "the names, shapes, dtypes and devices of `like`",
+            got,
+            "Load a state saved from the same model with the same `dtype` (for another device, "
+            "functional_ema.load(path, map_location=...)).",
+            type_only=type_only,
         )
     return out  # type: ignore[return-value]
 
@@ -202,15 +246,20 @@ def check_state_dict(api: str, state_dict: Any, own: dict[str, Tensor], *, stric
 
     Keys saved through a DDP or ``torch.compile`` wrapper are mapped to ``own``'s (the result
     is then a new dict); every missing or unexpected key (when ``strict``), shape and dtype
-    difference is listed in one ``ValueError``. Devices may differ (loading copies).
+    difference is listed in one error: a ``TypeError`` when every difference is of type or
+    dtype, else a ``ValueError``. Devices may differ (loading copies).
 
     Returns:
         ``state_dict`` itself, or a renamed copy.
     """
     if not isinstance(state_dict, dict):
-        raise TypeError(
-            f"{api}: `state_dict` at '<root>': expected a dict (from EMA.state_dict()), got "
-            f"{type(state_dict).__name__}. Pass the object functional_ema.load read back."
+        raise wrong_type(
+            api,
+            "not a state dict",
+            "state_dict",
+            "a dict (from EMA.state_dict())",
+            describe(state_dict),
+            "Pass the object functional_ema.load read back.",
         )
     if set(state_dict) != set(own) and all(isinstance(key, str) for key in state_dict):
         mapping = unwrap_keys(state_dict, own)
@@ -225,7 +274,7 @@ def check_state_dict(api: str, state_dict: Any, own: dict[str, Tensor], *, stric
         if (problem := tensor_problem(key, state_dict[key], own[key], device=False)) is not None
     ]
     problems += [
-        f"mismatch at {key!r}: expected a tensor with data, got a meta tensor"
+        Problem(f"mismatch at {key!r}: expected a tensor with data, got a meta tensor", False)
         for key in sorted(set(own) & set(state_dict), key=str)
         if isinstance(state_dict[key], Tensor)
         and state_dict[key].device.type == "meta"
@@ -238,9 +287,15 @@ def check_state_dict(api: str, state_dict: Any, own: dict[str, Tensor], *, stric
                 " The keys look like a model's state_dict: load it into the model, and load "
                 "the EMA from ema.state_dict()."
             )
-        raise ValueError(
-            f"{api}: {describe_mismatch(map(str, missing), map(str, unexpected), problems)}. Load "
-            f"a state saved by an EMA of the same model architecture with the same `dtype`.{hint}"
+        raise _mismatch(
+            api,
+            "state dict does not match the EMA",
+            "<root>",
+            "the keys, shapes and dtypes of the EMA's own state_dict()",
+            describe_mismatch(map(str, missing), map(str, unexpected), problems),
+            "Load a state saved by an EMA of the same model architecture with the same "
+            f"`dtype`.{hint}",
+            type_only=not (missing or unexpected) and all(p.of_type for p in problems),
         )
     if "step" in state_dict:
         check_step(api, state_dict["step"], "step")

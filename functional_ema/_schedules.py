@@ -11,44 +11,70 @@ updated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from functional_ema._decay import check_decay, tf_decay
+from functional_ema._errors import describe, wrong_type, wrong_value
+from functional_ema._profiles import gamma_to_sigma_rel as gamma_to_sigma_rel
+from functional_ema._profiles import parse
+from functional_ema._profiles import sigma_rel_to_gamma as sigma_rel_to_gamma
 from functional_ema._types import Decay
 
 
-def _check_positive(api: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(
-            f"{api}: `{name}` must be a positive number, got {value!r}. Pass e.g. {name}=1.0."
+def _check_positive(api: str, path: str, value: object) -> float:
+    """A number > 0: ``TypeError`` for another type, ``ValueError`` for a number <= 0 or NaN."""
+    name = path.split("[")[0]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong_type(
+            api,
+            f"{name} of the wrong type",
+            path,
+            "a number > 0",
+            describe(value),
+            f"Pass e.g. {name}=1.0.",
+        )
+    if not value > 0:
+        raise wrong_value(
+            api, f"{name} out of range", path, "a number > 0", repr(value), f"Pass e.g. {name}=1.0."
         )
     return float(value)
 
 
-def _check_unit(api: str, name: str, value: float) -> float:
-    return float(check_decay(f"{api} ({name})", value))
+def _check_unit(api: str, path: str, value: object) -> float:
+    return float(check_decay(api, value, path))
 
 
 def _values(
     api: str,
     name: str,
-    value: float | Tensor | Sequence[float] | None,
-    check: Callable[[str, str, float], float],
+    value: float | Tensor | Sequence[float],
+    check: Callable[[str, str, object], float],
 ) -> float | Tensor | tuple[float, ...]:
-    """Validate a schedule parameter: a number, a 0-dim tensor, or a sequence (a bank)."""
+    """Validate a schedule parameter: a number, a 0-dim tensor, or a sequence (a bank).
+
+    A 0-dim ``decay`` tensor is kept as it is (not read on the host).
+    """
+    if isinstance(value, Tensor) and value.ndim == 0:
+        return value if name == "decay" else check(api, name, value.item())
     if isinstance(value, Tensor):
-        if value.ndim == 0:
-            return value if name == "decay" else check(api, name, value.item())
-        return tuple(check(api, name, float(v)) for v in value.tolist())
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if not value:
-            raise ValueError(f"{api}: `{name}` must not be empty; pass one value per bank row.")
-        return tuple(check(api, name, v) for v in value)
-    return check(api, name, value)  # type: ignore[arg-type]
+        values = value.reshape(-1).tolist()
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+    else:
+        return check(api, name, value)
+    if not values:
+        raise wrong_value(
+            api,
+            f"no {name}",
+            name,
+            "one value per bank row",
+            "an empty sequence",
+            "Pass a number, or a non-empty sequence of them for a bank.",
+        )
+    return tuple(check(api, f"{name}[{index}]", v) for index, v in enumerate(values))
 
 
 def _as_float64(value: float | Tensor | tuple[float, ...], like: Tensor) -> Tensor:
@@ -160,9 +186,13 @@ def warmup(
     decay = float(check_decay(api, decay))
     min_decay = float(check_decay(api, min_decay))
     if min_decay > decay:
-        raise ValueError(
-            f"{api}: `min_decay` at 'min_decay': expected at most decay={decay}, got "
-            f"{min_decay}. Lower min_decay or raise decay."
+        raise wrong_value(
+            api,
+            "min_decay above decay",
+            "min_decay",
+            f"at most decay={decay}",
+            min_decay,
+            "Lower min_decay or raise decay.",
         )
     inv_gamma = _check_positive(api, "inv_gamma", inv_gamma)
     power = _check_positive(api, "power", power)
@@ -236,89 +266,20 @@ def power(
     Returns:
         A schedule ``(t, dt) -> decay`` (float64).
 
+    Raises:
+        ValueError: Both or neither of ``gamma`` and ``sigma_rel``, or a value out of range.
+        TypeError: A value that is not a number.
+
     Example:
         >>> import torch, functional_ema as fe
         >>> round(float(fe.power(sigma_rel=0.1)(torch.tensor(10), torch.tensor(1))), 4)
         0.4333
     """
-    api = "power"
-    if (gamma is None) == (sigma_rel is None):
-        raise ValueError(
-            f"{api}: expected exactly one of `gamma` and `sigma_rel`, got gamma={gamma!r}, "
-            f"sigma_rel={sigma_rel!r}. Pass e.g. power(sigma_rel=0.1)."
-        )
-    if gamma is None:
-        gammas = _values(api, "sigma_rel", sigma_rel, lambda a, n, v: sigma_rel_to_gamma(v))
-    else:
-        gammas = _values(api, "gamma", gamma, _check_positive)
+    profiles = parse("power", sigma_rel, gamma)
+    gammas = profiles.gammas if profiles.several else profiles.gammas[0]
 
     def schedule(t: Tensor, dt: Tensor) -> Tensor:
         ratio = (1 - dt.to(torch.float64) / t.to(torch.float64)).clamp(min=0)
         return ratio ** (_as_float64(gammas, t) + 1)
 
     return schedule
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    r"""The relative standard deviation of a power-function profile (EDM2 Eq. 123).
-
-    .. math:: \sigma_{\mathrm{rel}} = \sqrt{\frac{\gamma + 1}{(\gamma + 2)^2 (\gamma + 3)}}
-
-    Args:
-        gamma: The exponent :math:`\gamma > 0`.
-
-    Returns:
-        :math:`\sigma_{\mathrm{rel}}`, in :math:`(0, \sqrt{1/12})`.
-
-    Example:
-        >>> import functional_ema as fe
-        >>> round(fe.gamma_to_sigma_rel(6.94), 4)
-        0.1
-    """
-    gamma = _check_positive("gamma_to_sigma_rel", "gamma", gamma)
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    r"""The exponent of the power-function profile with a given :math:`\sigma_{\mathrm{rel}}`.
-
-    The largest real root of
-    :math:`\gamma^3 + 7\gamma^2 + (16 - \sigma^{-2})\gamma + (12 - \sigma^{-2})` (EDM2 Eq. 126,
-    Algorithm 2), the inverse of :func:`gamma_to_sigma_rel`.
-
-    Args:
-        sigma_rel: In :math:`(0, \sqrt{1/12} \approx 0.2887)`; EDM2 uses 0.05 to 0.2.
-
-    Returns:
-        :math:`\gamma > 0`.
-
-    Raises:
-        ValueError: If ``sigma_rel`` is outside the valid range.
-
-    Example:
-        >>> import functional_ema as fe
-        >>> round(fe.sigma_rel_to_gamma(0.1), 4), round(fe.sigma_rel_to_gamma(0.05), 4)
-        (6.9372, 16.9722)
-    """
-    api = "sigma_rel_to_gamma"
-    limit = math.sqrt(1 / 12)
-    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, int | float):
-        raise TypeError(f"{api}: `sigma_rel` must be a float, got {type(sigma_rel).__name__}.")
-    if not 0 < sigma_rel < limit:
-        raise ValueError(
-            f"{api}: `sigma_rel` must be in (0, {limit:.4f}), got {sigma_rel!r}: "
-            "gamma -> 0 gives sigma_rel -> sqrt(1/12). Pass e.g. sigma_rel=0.1."
-        )
-    c = 1.0 / sigma_rel**2
-    coefficients = (7.0, 16.0 - c, 12.0 - c)  # monic cubic g^3 + a g^2 + b g + d
-    companion = torch.tensor(
-        [[-coefficients[0], -coefficients[1], -coefficients[2]], [1.0, 0, 0], [0, 1.0, 0]],
-        dtype=torch.float64,
-    )
-    roots = torch.linalg.eigvals(companion)
-    gamma = max(r.real.item() for r in roots if abs(r.imag.item()) < 1e-9)
-    # One Newton step polishes the eigenvalue to full float64 accuracy.
-    a, b, d = coefficients
-    value = ((gamma + a) * gamma + b) * gamma + d
-    slope = (3 * gamma + 2 * a) * gamma + b
-    return gamma - value / slope

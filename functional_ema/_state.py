@@ -11,7 +11,8 @@ from torch import Tensor
 from functional_ema._arith import is_inexact
 from functional_ema._compat import is_functorch_wrapped
 from functional_ema._dtensor import local_tensor, pack
-from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves
+from functional_ema._errors import describe, short_list, wrong_type, wrong_value
+from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, leaf_paths
 from functional_ema._types import TensorTree
 
 
@@ -137,42 +138,74 @@ def init(
 _KEYS = ("step", "params", "nonfinite_updates", "buffers", "biased", "local_step")
 
 
-def check_state_structure(api: str, state: Any) -> None:
-    """Check ``state`` is an :class:`EmaState` as :func:`init` makes them (keys, counters)."""
+_KEEP_FIX = "Keep the state as functional_ema.init made it."
+
+
+def check_counter(api: str, counter: object, path: str, fix: str = _KEEP_FIX) -> None:
+    """Check a counter of a state (``step``, ``nonfinite_updates``) is a 0-dim int64 tensor.
+
+    Raises:
+        TypeError: ``counter`` is not a tensor, or not of dtype int64.
+        ValueError: ``counter`` is an int64 tensor that is not 0-dim.
+    """
+    expected = "a 0-dim int64 tensor"
+    if not isinstance(counter, Tensor) or counter.dtype != torch.int64:
+        raise wrong_type(api, "counter", path, expected, describe(counter), fix)
+    if counter.ndim != 0:
+        raise wrong_value(api, "counter", path, expected, describe(counter), fix)
+
+
+def check_state_structure(api: str, state: Any, name: str = "state") -> None:
+    """Check ``state`` is an :class:`EmaState` as :func:`init` makes them (keys, counters).
+
+    ``name`` is the argument's name in messages.
+    """
     keys = set(state) if isinstance(state, dict) else set()
     required = {"step", "params", "nonfinite_updates"}
     if not isinstance(state, dict) or not required <= keys or keys - set(_KEYS):
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise TypeError(
-            f"{api}: `state` must be an EmaState: expected a dict with keys 'step', 'params', "
-            f"'nonfinite_updates' and optionally 'buffers', 'biased', 'local_step', got {got}. "
-            "Create it with functional_ema.init."
+        raise wrong_type(
+            api,
+            "not an EmaState",
+            name,
+            "a dict with keys 'step', 'params', 'nonfinite_updates' and optionally 'buffers', "
+            "'biased', 'local_step'",
+            f"a dict with keys {short_list(map(str, state))}"
+            if isinstance(state, dict)
+            else describe(state),
+            "Create it with functional_ema.init.",
         )
     for key in ("step", "nonfinite_updates"):
-        counter = state[key]
-        if not isinstance(counter, Tensor) or counter.ndim != 0 or counter.dtype != torch.int64:
-            got = (
-                f"shape {tuple(counter.shape)}, dtype {counter.dtype}"
-                if isinstance(counter, Tensor)
-                else type(counter).__name__
-            )
-            raise TypeError(
-                f"{api}: counter at {key!r}: expected a 0-dim int64 tensor, got {got}. "
-                "Keep the state as functional_ema.init made it."
-            )
+        check_counter(api, state[key], key)
     if ("biased" in state) != ("local_step" in state):
-        raise ValueError(
-            f"{api}: zero_debias state at 'biased'/'local_step': expected both or neither, got "
-            "only one. Keep the state as functional_ema.init made it."
+        raise wrong_value(
+            api,
+            "incomplete zero_debias state",
+            "<root>",
+            "both 'biased' and 'local_step' or neither",
+            f"only {'biased' if 'biased' in state else 'local_step'!r}",
+            _KEEP_FIX,
         )
     if "biased" in state:
         check_pair(api, state["params"], state["biased"], ("state['params']", "state['biased']"))
         steps, steps_spec = check_tensor_leaves(api, state["local_step"], "state['local_step']")
-        if steps_spec != optree.tree_structure(state["params"]) or any(n.ndim for n in steps):
-            raise ValueError(
-                f"{api}: zero_debias counters at 'local_step': expected one 0-dim tensor per "
-                f"leaf of state['params'], got {steps_spec}. Keep the state as "
-                "functional_ema.init made it."
+        if steps_spec != optree.tree_structure(state["params"]):
+            raise wrong_value(
+                api,
+                "zero_debias counters",
+                "local_step",
+                "one 0-dim tensor per leaf of state['params']",
+                steps_spec,
+                _KEEP_FIX,
+            )
+        shaped = next((index for index, n in enumerate(steps) if n.ndim), None)
+        if shaped is not None:
+            raise wrong_value(
+                api,
+                "zero_debias counter in `state['local_step']`",
+                leaf_paths(state["local_step"])[shaped],
+                "a 0-dim tensor",
+                describe(steps[shaped]),
+                _KEEP_FIX,
             )
 
 

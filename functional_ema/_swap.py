@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from functional_ema._dtensor import localize
+from functional_ema._errors import message
 from functional_ema._fsdp import reshard
 from functional_ema._module import check_keys, check_unwrapped, module_state
 from functional_ema._tree import check_pair
@@ -32,8 +33,14 @@ _BLOCKS = {"EMA.swap": "`with ema.swap():`", "swapped": "`with fe.swapped(...):`
 
 def _swap_error(api: str, what: str, why: str, fix: str) -> RuntimeError:
     return RuntimeError(
-        f"{api}: {what} inside {_BLOCKS.get(api, api)} at '<root>': expected the live weights, "
-        f"got the averages (swapped in until the block ends). {why} {fix}"
+        message(
+            api,
+            f"{what} inside {_BLOCKS.get(api, api)}",
+            "<root>",
+            "the live weights",
+            "the averages (swapped in until the block ends)",
+            f"{why} {fix}",
+        )
     )
 
 
@@ -153,7 +160,7 @@ def swap_in(
     api: str, model: nn.Module, params: Params, buffers: Buffers | None = None
 ) -> Iterator[nn.Module]:
     """:func:`swapped`, with errors and the state_dict guard naming ``api``."""
-    check_unwrapped(api, model)
+    check_unwrapped(api, model, "model")
     reshard(model)
     live_params, live_buffers = module_state(model)
     if buffers is None:

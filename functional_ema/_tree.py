@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -10,7 +11,7 @@ from optree import PyTreeSpec
 from torch import Tensor
 
 from functional_ema._arith import is_inexact
-from functional_ema._errors import prefix_hint, short_list
+from functional_ema._errors import describe, prefix_hint, short_list, wrong_type, wrong_value
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -30,22 +31,19 @@ def leaf_paths(tree: Any) -> list[str]:
     return paths
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{type(value).__name__} ({text})"
-
-
 def check_tensor_leaves(api: str, tree: Any, name: str) -> tuple[list[Tensor], PyTreeSpec]:
     """Flatten ``tree`` and check every leaf is a tensor; return leaves and treespec."""
     leaves, spec = optree.tree_flatten(tree)
     for index, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor):
-            path = leaf_paths(tree)[index]
-            raise TypeError(
-                f"{api}: non-tensor leaf at {path!r} of `{name}`: expected a torch.Tensor, got "
-                f"{_describe(leaf)}. Keep only tensors in the tree: convert the value with "
-                "torch.as_tensor(...) or move it out of the tree."
+            raise wrong_type(
+                api,
+                f"non-tensor leaf in `{name}`",
+                leaf_paths(tree)[index],
+                "a torch.Tensor",
+                describe(leaf),
+                "Keep only tensors in the tree: convert the value with torch.as_tensor(...) or "
+                "move it out of the tree.",
             )
     return leaves, spec
 
@@ -54,33 +52,41 @@ def _structure_error(api: str, first: Any, second: Any, names: tuple[str, str]) 
     first_paths, second_paths = set(leaf_paths(first)), set(leaf_paths(second))
     missing, extra = first_paths - second_paths, second_paths - first_paths
     if missing or extra:
-        detail = (
+        expected = f"the leaf paths of `{names[0]}`"
+        got = (
             f"missing in `{names[1]}`: {short_list(missing)}, extra in `{names[1]}`: "
             f"{short_list(extra)}"
         )
     else:
-        detail = (
-            f"expected {optree.tree_structure(first)}, got {optree.tree_structure(second)}"
-            " (same leaf paths, different container types)"
+        expected = f"{optree.tree_structure(first)} (`{names[0]}`)"
+        got = (
+            f"{optree.tree_structure(second)} (`{names[1]}`: same leaf paths, different "
+            "container types)"
         )
     hint = prefix_hint(missing, extra, f"`{names[0]}`", f"`{names[1]}`")
-    return ValueError(
-        f"{api}: tree structure mismatch between `{names[0]}` and `{names[1]}`: {detail}. "
+    return wrong_value(
+        api,
+        "tree structure mismatch",
+        "<root>",
+        expected,
+        got,
         f"Pass `{names[1]}` with exactly the structure of `{names[0]}` (for a module, both from "
-        f"functional_ema.module_state of the same model).{hint}"
+        f"functional_ema.module_state of the same model).{hint}",
     )
 
 
 def _leaf_problem(
     shadow: Tensor, value: Tensor, names: tuple[str, str], bank: int | None
-) -> tuple[type[Exception], str, object, object, str] | None:
-    """Return ``(error type, what, expected, got, fix)`` when ``value`` cannot update ``shadow``.
+) -> tuple[Callable[..., Exception], str, object, object, str] | None:
+    """Why ``value`` cannot update ``shadow``: ``(constructor, what, expected, got, fix)``.
+
+    ``constructor`` is :func:`wrong_type` or :func:`wrong_value`; ``None`` when it can.
 
     With ``bank=K``, ``shadow`` holds K averages stacked on a leading dimension.
     """
     if bank is not None and (shadow.ndim == 0 or shadow.shape[0] != bank):
         return (
-            ValueError,
+            wrong_value,
             "bank size mismatch",
             f"a leading dimension of {bank} (one row per decay)",
             f"shape {tuple(shadow.shape)}",
@@ -89,7 +95,7 @@ def _leaf_problem(
     shadow_shape = shadow.shape if bank is None else shadow.shape[1:]
     if value.shape != shadow_shape:
         return (
-            ValueError,
+            wrong_value,
             "shape mismatch",
             tuple(shadow_shape),
             tuple(value.shape),
@@ -98,7 +104,7 @@ def _leaf_problem(
         )
     if value.device != shadow.device:
         return (
-            ValueError,
+            wrong_value,
             "device mismatch",
             shadow.device,
             value.device,
@@ -108,7 +114,7 @@ def _leaf_problem(
     if is_inexact(shadow):
         if not is_inexact(value) or (value.is_complex() and not shadow.is_complex()):
             return (
-                TypeError,
+                wrong_type,
                 "dtype mismatch",
                 f"a floating dtype like {shadow.dtype}",
                 value.dtype,
@@ -117,7 +123,7 @@ def _leaf_problem(
             )
     elif value.dtype != shadow.dtype:
         return (
-            TypeError,
+            wrong_type,
             "dtype mismatch",
             shadow.dtype,
             value.dtype,
@@ -153,11 +159,14 @@ def check_pair(
     for index, (s, p) in enumerate(zip(shadow_leaves, params_leaves, strict=True)):
         problem = _leaf_problem(s, p, names, bank)
         if problem is not None:
-            error_type, what, expected, got, fix = problem
-            path = leaf_paths(shadow)[index]
-            raise error_type(
-                f"{api}: {what} at {path!r}: expected {expected} ({names[0]}), "
-                f"got {got} ({names[1]}). {fix}"
+            constructor, what, expected, got, fix = problem
+            raise constructor(
+                api,
+                what,
+                leaf_paths(shadow)[index],
+                f"{expected} ({names[0]})",
+                f"{got} ({names[1]})",
+                fix,
             )
     return shadow_leaves, params_leaves, shadow_spec
 
@@ -165,7 +174,11 @@ def check_pair(
 def check_floating_dtype(api: str, dtype: torch.dtype | None) -> None:
     """Check an optional shadow dtype is a floating dtype."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(
-            f"{api}: `dtype` must be a floating torch.dtype or None, got {dtype!r}. "
-            "Pass e.g. dtype=torch.float32 to keep a float32 average of a bfloat16 model."
+        raise wrong_type(
+            api,
+            "not a floating dtype",
+            "dtype",
+            "a floating torch.dtype or None",
+            repr(dtype) if isinstance(dtype, torch.dtype) else describe(dtype),
+            "Pass e.g. dtype=torch.float32 to keep a float32 average of a bfloat16 model.",
         )

@@ -24,6 +24,7 @@ from functional_ema._core import WeightCache, check_policy, raise_if_nonfinite, 
 from functional_ema._decay import check_interval, resolve_decay
 from functional_ema._dtensor import local_leaves, localize, rewrap
 from functional_ema._engine import Plan, all_finite, build_plan, fast_path_ok
+from functional_ema._errors import check_choice, wrong_value
 from functional_ema._state import EmaState, check_state_structure
 from functional_ema._tree import check_pair
 from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule, TensorTree
@@ -69,10 +70,13 @@ class Bound:
 
 def check_buffer_policy(api: str, buffer_policy: object) -> None:
     """Validate the buffer policy."""
-    if buffer_policy not in ("copy", "average"):
-        raise ValueError(
-            f"{api}: `buffer_policy` must be 'copy' or 'average', got {buffer_policy!r}."
-        )
+    check_choice(
+        api,
+        "buffer_policy",
+        buffer_policy,
+        ("copy", "average"),
+        "'copy' (the default) keeps the latest buffers, 'average' averages the floating ones.",
+    )
 
 
 def validate(
@@ -96,9 +100,8 @@ def validate(
         else:
             expected, got = "None (init got no buffers)", "a tree"
             fix = "pass the buffers to init too: init(params, buffers)."
-        raise ValueError(
-            f"{api}: buffers at 'buffers': expected {expected}, got {got}. To keep buffers "
-            f"in the state, {fix}"
+        raise wrong_value(
+            api, "buffers", "buffers", expected, got, f"To keep buffers in the state, {fix}"
         )
     held: list[Tensor] = []
     current: list[Tensor] = []
@@ -287,8 +290,10 @@ def update(
         The new :class:`EmaState`, differentiable with respect to ``params``.
 
     Raises:
-        ValueError: Mismatched structure, shapes or devices, or ``decay``/``dt`` out of range.
-        TypeError: Non-tensor leaves, wrong dtypes or a malformed state.
+        ValueError: Mismatched structure, shapes or devices, ``decay``/``dt`` out of range
+            or not 0-dim, or an option (``buffer_policy``, ``nonfinite``) not among its values.
+        TypeError: Non-tensor leaves, wrong dtypes, a malformed state, or an argument of the
+            wrong type.
 
     Example:
         >>> import torch, functional_ema as fe

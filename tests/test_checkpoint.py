@@ -166,7 +166,7 @@ def test_save_rejects_what_weights_only_load_cannot_read(
     path = tmp_path / "ema.pt"
     fe.save({"v": torch.tensor(1)}, path)
     before = path.read_bytes()
-    pattern = rf"^save: value that torch.load\(weights_only=True\) cannot read at '{where}' "
+    pattern = rf"^save: value that torch.load\(weights_only=True\) cannot read at '{where}': "
     with pytest.raises(TypeError, match=rf"{pattern}.*got .*{got}\. Convert it"):
         fe.save(obj, path)
     assert path.read_bytes() == before
@@ -224,7 +224,11 @@ class _Payload:
 def test_load_never_runs_code_from_the_file(tmp_path: Path) -> None:
     _Payload.marker = tmp_path / "pwned"
     torch.save({"x": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"^load: checkpoint at '.*evil.pt' holds objects .*"):
+    with pytest.raises(
+        ValueError,
+        match=r"^load: checkpoint holding objects that torch.load\(weights_only=True\) refuses "
+        r"at '.*evil.pt': ",
+    ):
         fe.load(tmp_path / "evil.pt")
     assert not _Payload.marker.exists()
 
@@ -233,8 +237,8 @@ def test_load_reports_refused_classes_with_the_fix(tmp_path: Path) -> None:
     torch.save({"p": Point(1, 2)}, tmp_path / "nt.pt")
     with pytest.raises(
         ValueError,
-        match=r"refuses: expected tensors, .*got Unsupported global: GLOBAL .*Point\. .*"
-        r"add_safe_globals",
+        match=r"refuses at '.*nt.pt': expected tensors, .*got Unsupported global: GLOBAL "
+        r".*Point\. .*add_safe_globals",
     ):
         fe.load(tmp_path / "nt.pt")
 
@@ -380,8 +384,11 @@ def test_check_state_lists_every_difference_of_another_model() -> None:
     with pytest.raises(ValueError, match=r"^check_state: ") as info:
         fe.check_state(loaded, like=like)
     message = str(info.value)
-    assert message.startswith("check_state: state does not match the model at 'params': ")
-    assert "unexpected ['3.bias', '3.weight']" in message
+    assert message.startswith(
+        "check_state: state does not match the model at '<root>': expected the names, shapes, "
+        "dtypes and devices of `like`, got at 'params': "
+    )
+    assert "unexpected keys ['3.bias', '3.weight']" in message
     assert "mismatch at '0.weight': expected (4, 3) torch.float32, got (5, 3)" in message
     assert "mismatch at '2.weight': expected (2, 4) torch.float32, got (2, 5)" in message
     assert "at 'buffers': mismatch at '1.running_mean': expected (4,)" in message
@@ -393,8 +400,8 @@ def test_check_state_lists_every_difference_of_another_model() -> None:
 def test_check_state_dtype_change() -> None:
     model = make_model()
     loaded = _state(model, dtype=torch.float64)
-    with pytest.raises(
-        ValueError, match=r"mismatch at '0.bias': expected \(4,\) torch.float32, got \(4,\) "
+    with pytest.raises(  # only dtypes differ: a TypeError
+        TypeError, match=r"mismatch at '0.bias': expected \(4,\) torch.float32, got \(4,\) "
     ):
         fe.check_state(loaded, like=_state(model))
 
@@ -468,7 +475,11 @@ def test_adapter_load_lists_every_difference_of_another_model() -> None:
     with pytest.raises(ValueError, match=r"^EMA.load_state_dict: ") as info:
         ema.load_state_dict(other.state_dict())
     message = str(info.value)
-    assert message.startswith("EMA.load_state_dict: mismatch at 'averages.0.bias': expected (4,)")
+    assert message.startswith(
+        "EMA.load_state_dict: state dict does not match the EMA at '<root>': expected the keys, "
+        "shapes and dtypes of the EMA's own state_dict(), got mismatch at 'averages.0.bias': "
+        "expected (4,)"
+    )
     for key in ("0.weight", "1.weight", "1.running_var", "2.weight", "2.bias"):
         assert f"mismatch at 'averages.{key}'" in message
     assert_bits_equal(dict(ema.state_dict()), before)
@@ -479,13 +490,13 @@ def test_adapter_load_dtype_change_and_model_state_dict_hint() -> None:
     ema = fe.EMA(model, 0.9, dtype=torch.float32)
     narrow = fe.EMA(model, 0.9)
     before = snapshot(dict(ema.state_dict()))
-    with pytest.raises(
-        ValueError,
+    with pytest.raises(  # only dtypes differ: a TypeError
+        TypeError,
         match=r"mismatch at 'averages.0.bias': expected \(4,\) torch.float32, got \(4,\) "
         r"torch.bfloat16.*same `dtype`",
     ):
         ema.load_state_dict(narrow.state_dict())
-    with pytest.raises(ValueError, match=r"keys do not match: .*look like a model's state_dict"):
+    with pytest.raises(ValueError, match=r"got missing keys .*look like a model's state_dict"):
         ema.load_state_dict(model.state_dict())
     assert_bits_equal(dict(ema.state_dict()), before)
 

@@ -35,6 +35,9 @@ def _with(**changes: Any) -> dict[str, Any]:
     return values
 
 
+_RANGE = r"decay out of range at 'decay': expected a number in \[0, 1\], "
+_DECAY_TYPE = r"decay of the wrong type at 'decay': expected a Python float or a 0-dim floating"
+
 # (case id, bad params (or None), decay, error type, message pattern)
 TREE_CASES = [
     (
@@ -106,21 +109,21 @@ TREE_CASES = [
         _with(**{"0__bias": 3}),
         0.9,
         TypeError,
-        r"non-tensor leaf at '0.bias' of `params`: expected a torch.Tensor, got int \(3\)",
+        r"non-tensor leaf in `params` at '0.bias': expected a torch.Tensor, got int \(3\)",
     ),
     (
         "non-tensor-list",
         _with(**{"0__bias": [1.0, 2.0]}),
         0.9,
         TypeError,
-        r"non-tensor leaf at '0.bias.0' of `params`: expected a torch.Tensor, got float \(1.0\)",
+        r"non-tensor leaf in `params` at '0.bias.0': expected a torch.Tensor, got float \(1.0\)",
     ),
     (
         "non-tensor-str",
         _with(**{"0__bias": "x"}),
         0.9,
         TypeError,
-        r"non-tensor leaf at '0.bias' of `params`: expected a torch.Tensor, got str",
+        r"non-tensor leaf in `params` at '0.bias': expected a torch.Tensor, got str",
     ),
     (
         "int-for-float",
@@ -137,27 +140,27 @@ TREE_CASES = [
         TypeError,
         r"dtype mismatch at 'n': expected torch.int64 .*, got torch.float32 .* never converted",
     ),
-    ("decay-above-1", None, 1.5, ValueError, r"`decay` must be in \[0, 1\], got 1.5"),
-    ("decay-negative", None, -0.1, ValueError, r"`decay` must be in \[0, 1\], got -0.1"),
-    ("decay-nan", None, float("nan"), ValueError, r"`decay` must be in \[0, 1\], got nan"),
-    ("decay-inf", None, float("inf"), ValueError, r"`decay` must be in \[0, 1\], got inf"),
+    ("decay-above-1", None, 1.5, ValueError, _RANGE + r"got 1.5\. Pass a decay in \[0, 1\]"),
+    ("decay-negative", None, -0.1, ValueError, _RANGE + r"got -0.1\."),
+    ("decay-nan", None, float("nan"), ValueError, _RANGE + r"got nan\."),
+    ("decay-inf", None, float("inf"), ValueError, _RANGE + r"got inf\."),
     (
         "decay-vector",
         None,
         torch.tensor([0.9, 0.9]),
         ValueError,
-        r"`decay` must be a scalar: expected a 0-dim tensor, got shape \(2,\)",
+        r"decay not a scalar at 'decay': expected a 0-dim tensor, got a tensor of shape \(2,\)",
     ),
     (
         "decay-int-tensor",
         None,
         torch.tensor(1),
         TypeError,
-        r"`decay` must be a floating tensor: expected .*, got torch.int64",
+        r"decay of a non-floating dtype at 'decay': expected .*, got .*dtype torch.int64",
     ),
-    ("decay-str", None, "0.9", TypeError, r"`decay` must be a Python float .* got str"),
-    ("decay-bool", None, True, TypeError, r"`decay` must be a Python float .* got bool"),
-    ("decay-none", None, None, TypeError, r"`decay` must be a Python float .* got NoneType"),
+    ("decay-str", None, "0.9", TypeError, _DECAY_TYPE + r".* got str \('0.9'\)"),
+    ("decay-bool", None, True, TypeError, _DECAY_TYPE + r".* got bool \(True\)"),
+    ("decay-none", None, None, TypeError, _DECAY_TYPE + r".* got NoneType \(None\)"),
 ]
 
 APIS: dict[str, Callable[[Any, Any, Any], Any]] = {
@@ -189,15 +192,13 @@ def test_bad_input_raises_and_mutates_nothing(
 def test_schedule_returning_bad_decay() -> None:
     state = fe.init(_tree())
     before = snapshot(state)
-    with pytest.raises(
-        ValueError, match=r"^update_ \(schedule\): `decay` must be in \[0, 1\], got 2.0"
-    ):
+    with pytest.raises(ValueError, match=r"^update_ \(schedule\): " + _RANGE + r"got 2.0"):
         fe.update_(state, _values(), lambda t, dt: 2.0)
     assert_bits_equal(state, before)
 
 
 def test_malformed_state() -> None:
-    with pytest.raises(TypeError, match=r"^update: `state` must be an EmaState: expected a dict"):
+    with pytest.raises(TypeError, match=r"^update: not an EmaState at 'state': expected a dict"):
         fe.update({"params": _tree()}, _values(), 0.9)
     state = fe.init(_tree())
     state["step"] = torch.tensor(1.0)
@@ -217,25 +218,39 @@ def test_buffers_missing_from_update() -> None:
 
 def test_bad_buffer_policy() -> None:
     state = fe.init(_tree())
-    with pytest.raises(ValueError, match=r"`buffer_policy` must be 'copy' or 'average', got 'x'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^update: unknown option at 'buffer_policy': expected 'copy' or 'average', got 'x'",
+    ):
         fe.update(state, _values(), 0.9, buffer_policy="x")  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"^update: option of the wrong type at 'buffer_policy': .*got NoneType"
+    ):
+        fe.update(state, _values(), 0.9, buffer_policy=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^update: option of the wrong type at 'nonfinite'"):
+        fe.update(state, _values(), 0.9, nonfinite=0)  # type: ignore[arg-type]
 
 
 def test_init_rejects_non_tensor_and_bad_dtype() -> None:
-    with pytest.raises(TypeError, match=r"^init: non-tensor leaf at 'a.b' of `params`"):
+    with pytest.raises(TypeError, match=r"^init: non-tensor leaf in `params` at 'a.b'"):
         fe.init({"a": {"b": 1.0}})
-    with pytest.raises(TypeError, match=r"^init: `dtype` must be a floating torch.dtype"):
+    with pytest.raises(TypeError, match=r"^init: not a floating dtype at 'dtype'"):
         fe.init(_tree(), dtype=torch.int32)
 
 
 def test_tf_decay_rejects_negative_and_bad_types() -> None:
-    with pytest.raises(ValueError, match=r"^tf_decay: `num_updates` must be >= 0, got -1"):
+    negative = r"^tf_decay: negative num_updates at 'num_updates': expected a count >= 0, got "
+    with pytest.raises(ValueError, match=negative + "-1"):
         fe.tf_decay(0.9, -1)
-    with pytest.raises(ValueError, match=r"^tf_decay: `num_updates` must be >= 0, got -3"):
+    with pytest.raises(ValueError, match=negative + "-3"):
         fe.tf_decay(0.9, torch.tensor(-3))
-    with pytest.raises(TypeError, match=r"^tf_decay: `num_updates` must be an int"):
+    with pytest.raises(
+        TypeError, match=r"^tf_decay: num_updates of the wrong type at 'num_updates': .*got float"
+    ):
         fe.tf_decay(0.9, 1.5)
-    with pytest.raises(ValueError, match=r"^tf_decay: `decay` must be in \[0, 1\]"):
+    with pytest.raises(TypeError, match=r"^tf_decay: num_updates of a non-integer dtype"):
+        fe.tf_decay(0.9, torch.tensor(True))
+    with pytest.raises(ValueError, match=r"^tf_decay: " + _RANGE):
         fe.tf_decay(1.1, 0)
 
 
@@ -257,9 +272,9 @@ def test_adapter_rejects_wrappers() -> None:
 @pytest.mark.parametrize(
     ("decay", "error", "pattern"),
     [
-        (1.5, ValueError, r"^EMA: `decay` must be in \[0, 1\], got 1.5"),
-        (float("nan"), ValueError, r"^EMA: `decay` must be in \[0, 1\], got nan"),
-        ("0.9", TypeError, r"^EMA: `decay` must be a Python float"),
+        (1.5, ValueError, r"^EMA: " + _RANGE + "got 1.5"),
+        (float("nan"), ValueError, r"^EMA: " + _RANGE + "got nan"),
+        ("0.9", TypeError, r"^EMA: " + _DECAY_TYPE),
     ],
 )
 def test_adapter_rejects_bad_decay(decay: Any, error: type[Exception], pattern: str) -> None:
@@ -315,8 +330,8 @@ def test_adapter_load_state_dict_errors_before_writing() -> None:
     with pytest.raises(ValueError, match=r"mismatch at 'averages.0.bias': expected \(4,\)"):
         ema.load_state_dict(shaped)
     typed = dict(good, **{"averages.0.bias": torch.zeros(4, dtype=torch.float64)})
-    with pytest.raises(
-        ValueError, match=r"expected \(4,\) torch.float32, got \(4,\) torch.float64"
+    with pytest.raises(  # only a dtype differs: a TypeError
+        TypeError, match=r"expected \(4,\) torch.float32, got \(4,\) torch.float64"
     ):
         ema.load_state_dict(typed)
     assert_bits_equal(ema.state_dict(), before)
@@ -476,6 +491,16 @@ def _lazy(api: str) -> Build:
     return build
 
 
+def _lazy_buffers(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    del folder
+    model = nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d(affine=False))
+    watch = lambda: {  # noqa: E731
+        "types": [type(b).__name__ for b in model.buffers()],
+        "first": snapshot(dict(model[0].named_parameters())),
+    }
+    return lambda: fe.flatten_parameters_(model), watch
+
+
 def _wrapped(kind: str, api: str) -> Build:
     def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
         del folder
@@ -551,14 +576,15 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "state-step-float",
         _state_case(_set("step", torch.tensor(1.0))),
         TypeError,
-        r"update_: .*counter at 'step': expected a 0-dim int64 tensor, got shape \(\), dtype "
-        r"torch.float32",
+        r"update_: counter at 'step': expected a 0-dim int64 tensor, got a tensor of shape "
+        r"\(\) and dtype torch.float32",
     ),
     (
         "state-step-vector",
         _state_case(_set("step", torch.tensor([1]))),
-        TypeError,
-        r"update_: .*counter at 'step': expected a 0-dim int64 tensor, got shape \(1,\)",
+        ValueError,  # an int64 tensor of the wrong shape (was a TypeError)
+        r"update_: counter at 'step': expected a 0-dim int64 tensor, got a tensor of shape "
+        r"\(1,\)",
     ),
     (
         "state-step-int32",
@@ -582,8 +608,8 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "state-non-tensor-leaf",
         _state_case(_set("params/0.bias", [1.0, 2.0])),
         TypeError,
-        r"update_: non-tensor leaf at '0.bias.0' of `state\['params'\]`: expected a torch.Tensor, "
-        r"got float",
+        r"update_: non-tensor leaf in `state\['params'\]` at '0.bias.0': expected a "
+        r"torch.Tensor, got float",
     ),
     (
         "state-shape-corrupted",
@@ -609,7 +635,8 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "state-half-zero-debias",
         _state_case(_set("biased", {k: v.clone() for k, v in _tree().items()})),
         ValueError,
-        r"update_: zero_debias state at 'biased'/'local_step': expected both or neither",
+        r"update_: incomplete zero_debias state at '<root>': expected both 'biased' and "
+        r"'local_step' or neither, got only 'biased'",
     ),
     (
         "state-complex-value",
@@ -629,7 +656,7 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
             lambda s: None, call=lambda s: fe.update_(s, _values(), 0.9, s["buffers"], dt=0)
         ),
         ValueError,
-        r"update_: `dt` must be >= 1, got 0",
+        r"update_: dt out of range at 'dt': expected an int >= 1, got 0",
     ),
     (
         "state-dt-float",
@@ -637,7 +664,28 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
             lambda s: None, call=lambda s: fe.update(s, _values(), 0.9, s["buffers"], dt=1.5)
         ),
         TypeError,
-        r"update: `dt` must be an int or a 0-dim integer tensor, got float",
+        r"update: dt of the wrong type at 'dt': expected an int >= 1 or a 0-dim integer tensor, "
+        r"got float",
+    ),
+    (
+        "state-dt-vector",
+        _state_case(
+            lambda s: None,
+            call=lambda s: fe.update_(s, _values(), 0.9, s["buffers"], dt=torch.tensor([1, 2])),
+        ),
+        ValueError,  # an integer tensor of the wrong shape (was a TypeError)
+        r"update_: dt not a scalar at 'dt': expected an int >= 1 or a 0-dim integer tensor, got "
+        r"a tensor of shape \(2,\)",
+    ),
+    (
+        "state-nonfinite-option",
+        _state_case(
+            lambda s: None,
+            call=lambda s: fe.update_(s, _values(), 0.9, s["buffers"], nonfinite=None),
+        ),
+        TypeError,  # not a string (was a ValueError)
+        r"update_: option of the wrong type at 'nonfinite': expected 'skip', 'raise' or "
+        r"'propagate', got NoneType \(None\)",
     ),
     # --- checkpoints: a loaded state against the model ----------------------------------
     (
@@ -648,14 +696,14 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
             )
         ),
         ValueError,
-        r"check_state: state does not match the model at 'params': keys do not match: "
-        r"missing \[\], unexpected \['2.weight'\]",
+        r"check_state: state does not match the model at 'params': expected the names, shapes, "
+        r"dtypes and devices of `like`, got missing keys \[\], unexpected keys \['2.weight'\]",
     ),
     (
         "ckpt-missing-key",
         _loaded_case(_set("params/0.bias", None)),
         ValueError,
-        r"check_state: .*at 'params': keys do not match: missing \['0.bias'\], unexpected \[\]",
+        r"check_state: .*at 'params': .*got missing keys \['0.bias'\], unexpected keys \[\]",
     ),
     (
         "ckpt-shape",
@@ -666,15 +714,15 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     (
         "ckpt-dtype",
         _loaded_case(_set("buffers/1.running_mean", torch.zeros(4, dtype=torch.float64))),
-        ValueError,
-        r"check_state: .*at 'buffers': mismatch at '1.running_mean': expected \(4,\) "
-        r"torch.float32, got \(4,\) torch.float64",
+        TypeError,  # only a dtype differs (was a ValueError)
+        r"check_state: state does not match the model at 'buffers': .*got mismatch at "
+        r"'1.running_mean': expected \(4,\) torch.float32, got \(4,\) torch.float64",
     ),
     (
         "ckpt-step-negative",
         _loaded_case(_set("step", _NEG)),
         ValueError,
-        r"check_state: step counter at 'step': expected a count >= 0, got -1",
+        r"check_state: negative counter at 'step': expected a count >= 0, got -1",
     ),
     (
         "ckpt-step-float",
@@ -686,7 +734,7 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "ckpt-non-tensor",
         _loaded_case(_set("params/0.bias", "zeros")),
         TypeError,
-        r"check_state: non-tensor leaf at '0.bias' of `state\['params'\]`",
+        r"check_state: non-tensor leaf in `state\['params'\]` at '0.bias'",
     ),
     (
         "ckpt-entry-missing",
@@ -712,45 +760,47 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "adapter-load-missing",
         _load_state_dict_case(_set("averages.0.bias", None)),
         ValueError,
-        r"EMA.load_state_dict: keys do not match: missing \['averages.0.bias'\], unexpected \[\]",
+        r"EMA.load_state_dict: state dict does not match the EMA at '<root>': expected the keys, "
+        r"shapes and dtypes of the EMA's own state_dict\(\), got missing keys "
+        r"\['averages.0.bias'\], unexpected keys \[\]",
     ),
     (
         "adapter-load-other-model",
         _ema_case(_swap_load),
         ValueError,
-        r"EMA.load_state_dict: mismatch at 'averages.0.bias': expected \(4,\) torch.float32, "
-        r"got \(5,\) torch.float32",
+        r"EMA.load_state_dict: .*got mismatch at 'averages.0.bias': expected \(4,\) "
+        r"torch.float32, got \(5,\) torch.float32",
     ),
     (
         "adapter-load-non-tensor",
         _load_state_dict_case(_set("averages.0.bias", [0.0] * 4)),
-        ValueError,
-        r"EMA.load_state_dict: mismatch at 'averages.0.bias': expected a tensor, got list",
+        TypeError,  # a value that is not a tensor (was a ValueError)
+        r"EMA.load_state_dict: .*got mismatch at 'averages.0.bias': expected a tensor, got list",
     ),
     (
         "adapter-load-step-float",
         _load_state_dict_case(_set("step", torch.tensor(2.0))),
-        ValueError,
-        r"EMA.load_state_dict: mismatch at 'step': expected \(\) torch.int64, got \(\) "
+        TypeError,  # only the dtype differs (was a ValueError; check_state raised TypeError)
+        r"EMA.load_state_dict: .*got mismatch at 'step': expected \(\) torch.int64, got \(\) "
         r"torch.float32",
     ),
     (
         "adapter-load-step-negative",
         _load_state_dict_case(_set("step", _NEG)),
         ValueError,
-        r"EMA.load_state_dict: step counter at 'step': expected a count >= 0, got -1",
+        r"EMA.load_state_dict: negative counter at 'step': expected a count >= 0, got -1",
     ),
     (
         "adapter-load-shape-non-strict",
         _load_state_dict_case(_set("averages.1.running_var", torch.ones(5)), strict=False),
         ValueError,
-        r"EMA.load_state_dict: mismatch at 'averages.1.running_var': expected \(4,\)",
+        r"EMA.load_state_dict: .*got mismatch at 'averages.1.running_var': expected \(4,\)",
     ),
     (
         "adapter-load-not-a-dict",
         _ema_case(lambda m, ema: lambda: ema.load_state_dict([("step", torch.tensor(1))])),
         TypeError,
-        r"EMA.load_state_dict: `state_dict` at '<root>': expected a dict .*got list",
+        r"EMA.load_state_dict: not a state dict at 'state_dict': expected a dict .*got list",
     ),
     # --- the adapter: tied weights, lazy modules, a model changed after construction ----
     (
@@ -769,7 +819,8 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "tied-apply-alias-only",
         _tied_apply_alias_only,
         ValueError,
-        r"apply: names do not match _Tied: missing \['enc.weight'\], unexpected \[\]",
+        r"apply: names do not match _Tied at '<root>': expected every parameter and buffer name "
+        r"of the module, got missing \['enc.weight'\], unexpected \[\]",
     ),
     (
         "lazy-EMA",
@@ -787,7 +838,15 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "lazy-flatten",
         _lazy("flatten_parameters_"),
         ValueError,
-        r"flatten_parameters_: uninitialized lazy tensor at '1.bias'",
+        r"flatten_parameters_: uninitialized lazy tensor at '1.weight': .*got an "
+        r"UninitializedParameter. Run one forward pass on a real batch before flattening",
+    ),
+    (
+        "lazy-buffer-flatten",
+        _lazy_buffers,
+        ValueError,
+        r"flatten_parameters_: uninitialized lazy tensor at '1.running_mean': .*got an "
+        r"UninitializedBuffer",
     ),
     (
         "added-buffer",
@@ -840,36 +899,43 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"apply: wrapped model at '<root>'",
     ),
     # --- the adapter's arguments --------------------------------------------------------
-    ("adapter-dt-zero", _ema_case(_update_with(dt=0)), ValueError, r"update_: `dt` must be >= 1"),
+    (
+        "adapter-dt-zero",
+        _ema_case(_update_with(dt=0)),
+        ValueError,
+        r"update_: dt out of range at 'dt'",
+    ),
     (
         "adapter-decay-vector",
         _ema_case(_update_with(decay=torch.tensor([0.9, 0.9]))),
         ValueError,
-        r"update_: `decay` must be a scalar: expected a 0-dim tensor, got shape \(2,\)",
+        r"update_: decay not a scalar at 'decay': expected a 0-dim tensor, got a tensor of "
+        r"shape \(2,\)",
     ),
     (
         "adapter-schedule-out-of-range",
         _ema_case(_update_with(decay=lambda t, dt: 1.5)),
         ValueError,
-        r"update_ \(schedule\): `decay` must be in \[0, 1\], got 1.5",
+        r"update_ \(schedule\): " + _RANGE + "got 1.5",
     ),
     (
         "adapter-dtype-int",
         _construct(0.9, dtype=torch.int32),
         TypeError,
-        r"init: `dtype` must be a floating torch.dtype or None, got torch.int32",
+        r"init: not a floating dtype at 'dtype': expected a floating torch.dtype or None, got "
+        r"torch.int32",
     ),
     (
         "adapter-num-updates-with-schedule",
         _construct(fe.tf_warmup(0.9), use_num_updates=True),
         TypeError,
-        r"EMA: `use_num_updates` at 'decay': expected a constant decay",
+        r"EMA: `use_num_updates` with a schedule at 'decay': expected a constant decay",
     ),
     (
         "adapter-buffer-policy",
         _construct(0.9, buffer_policy="mean"),
         ValueError,
-        r"EMA: `buffer_policy` must be 'copy' or 'average', got 'mean'",
+        r"EMA: unknown option at 'buffer_policy': expected 'copy' or 'average', got 'mean'",
     ),
 ]
 

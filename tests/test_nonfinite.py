@@ -88,7 +88,8 @@ def test_bad_policy() -> None:
     shadow, clean, _ = _poisoned()
     with pytest.raises(
         ValueError,
-        match=r"^ema_update: `nonfinite` must be 'skip', 'raise' or 'propagate', got 'drop'",
+        match=r"^ema_update: unknown option at 'nonfinite': expected 'skip', 'raise' or "
+        r"'propagate', got 'drop'",
     ):
         fe.ema_update(shadow, clean, 0.9, nonfinite="drop")  # type: ignore[arg-type]
 

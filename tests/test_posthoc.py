@@ -17,9 +17,12 @@ from pathlib import Path
 import optree
 import pytest
 import torch
+from helpers import assert_bits_equal
 
 import functional_ema as fe
-from functional_ema._posthoc import _inner
+from functional_ema import _engine
+from functional_ema._bank import update_bank_weights_
+from functional_ema._posthoc._solver import inner
 
 
 F64 = torch.float64
@@ -127,29 +130,170 @@ def test_tracker_is_a_weights_only_state_and_resumes_bit_identical(tmp_path: Pat
 
 def test_tracking_validates_everything() -> None:
     params = {"w": torch.zeros(2)}
-    with pytest.raises(ValueError, match="expected exactly one of them"):
+    once = re.escape("profile not given exactly once at 'sigma_rel/gamma': expected exactly one")
+    with pytest.raises(ValueError, match="^posthoc_init: " + once):
         fe.posthoc_init(params)
-    with pytest.raises(ValueError, match="expected exactly one of them"):
+    with pytest.raises(ValueError, match=once):
         fe.posthoc_init(params, sigma_rel=0.1, gamma=6.9)
     for bad in (0.0, 0.29, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=re.escape("sigma_rel at 'sigma_rel': expected")):
+        with pytest.raises(ValueError, match=re.escape("out of range at 'sigma_rel': expected")):
             fe.posthoc_init(params, sigma_rel=bad)
-    with pytest.raises(ValueError, match=re.escape("sigma_rel at 'sigma_rel[1]'")):
+    with pytest.raises(ValueError, match=re.escape("sigma_rel out of range at 'sigma_rel[1]'")):
         fe.posthoc_init(params, sigma_rel=[0.1, 0.3])
-    with pytest.raises(ValueError, match="gamma at 'gamma'"):
+    with pytest.raises(ValueError, match="gamma out of range at 'gamma'"):
         fe.posthoc_init(params, gamma=0)
-    with pytest.raises(ValueError, match="distinct profiles"):
+    with pytest.raises(ValueError, match=r"profile tracked twice .* expected distinct profiles"):
         fe.posthoc_init(params, sigma_rel=[0.1, 0.1])
     tracker = fe.posthoc_init(params, sigma_rel=SIGMAS)
     with pytest.raises(ValueError, match="shape mismatch at 'w'"):
         fe.posthoc_update_(tracker, {"w": torch.zeros(3)})
-    with pytest.raises(ValueError, match="buffers at 'buffers'"):
+    with pytest.raises(ValueError, match="unexpected buffers at 'buffers'"):
         fe.posthoc_update_(tracker, params, {"b": torch.zeros(1)})
-    with pytest.raises(ValueError, match="`dt` must be >= 1"):
+    with pytest.raises(ValueError, match="at 'dt'"):
         fe.posthoc_update_(tracker, params, dt=0)
-    with pytest.raises(TypeError, match="expected a PostHocState"):
+    with pytest.raises(ValueError, match="unknown option at 'nonfinite'"):
+        fe.posthoc_update_(tracker, params, nonfinite="drop")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"not a PostHocState .* expected a PostHocState"):
         fe.posthoc_update_(fe.init(params), params)
+    broken = {**tracker, "t": torch.zeros(())}
+    with pytest.raises(TypeError, match=r"time of the wrong type at 't': .* got a tensor of shape"):
+        fe.posthoc_update_(broken, params)  # type: ignore[arg-type]
     assert int(tracker["t"]) == 0 and torch.equal(tracker["params"]["w"], torch.zeros(2, 2))
+
+
+def _power_weights(tracker: fe.PostHocState, dt: int) -> torch.Tensor:
+    """The post-hoc weights 1 - beta_k of the next update, float64, as documented."""
+    t = int(tracker["t"]) + dt
+    return -torch.expm1((tracker["gamma"] + 1) * torch.log1p(torch.tensor(-dt / t, dtype=F64)))
+
+
+@pytest.mark.parametrize(
+    "kernel", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "kernel"]
+)
+@pytest.mark.parametrize(
+    ("dtype", "value_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),  # float32 averages of a bfloat16 model
+    ],
+)
+def test_tracking_is_the_bank_update_with_the_power_weights(
+    dtype: torch.dtype, value_dtype: torch.dtype, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row k: TF's step with -expm1((gamma_k + 1) log1p(-dt / t)) cast once, bit for bit."""
+    if kernel:  # the engine's bank kernel on every floating leaf
+        monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine.compiled, "enabled", True)
+    params = {"w": torch.randn(64, 3).to(value_dtype), "n": torch.tensor(0)}
+    tracker = fe.posthoc_init(params, sigma_rel=(0.05, 0.1, 0.2), dtype=dtype)
+    bank = fe.bank(params, 3, dtype=dtype)
+    rows = bank["w"].clone()
+    for dt in (1, 3, 1, 10, 7):
+        params = {"w": torch.randn(64, 3).to(value_dtype), "n": params["n"] + 1}
+        weights = _power_weights(tracker, dt)
+        fe.posthoc_update_(tracker, params, dt=dt)
+        update_bank_weights_("test", bank, params, weights, nonfinite="skip")
+        cast = weights.to(dtype).view(3, 1, 1)
+        rows = rows - (rows - params["w"].to(dtype)) * cast  # TF's step, in the average's dtype
+    assert_bits_equal(tracker["params"], bank)
+    assert_bits_equal(tracker["params"]["w"], rows)
+    assert torch.equal(tracker["params"]["n"], torch.full((3,), 5))
+    if kernel:
+        assert not _engine.compiled.fallbacks
+
+
+def _poisoned_tracker() -> tuple[fe.PostHocState, dict, dict]:
+    params = {"w": torch.randn(8), "n": torch.tensor(0)}
+    tracker = fe.posthoc_init(params, {"b": torch.zeros(2)}, sigma_rel=SIGMAS)
+    fe.posthoc_update_(tracker, params, {"b": torch.zeros(2)})
+    bad = {"w": torch.randn(8), "n": torch.tensor(1)}
+    bad["w"][[2, 5]] = torch.tensor([float("nan"), -float("inf")])
+    return tracker, bad, {"b": torch.ones(2)}
+
+
+@pytest.mark.parametrize(
+    "kernel", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "kernel"]
+)
+def test_nonfinite_values_are_skipped_by_default(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel:
+        monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine.compiled, "enabled", True)
+    tracker, bad, buffers = _poisoned_tracker()
+    before = optree.tree_map(torch.clone, tracker)
+    clean = {"w": torch.where(bad["w"].isfinite(), bad["w"], 0.0), "n": bad["n"]}
+    expected = fe.posthoc_update_(optree.tree_map(torch.clone, tracker), clean, buffers)
+    fe.posthoc_update_(tracker, bad, buffers)
+    finite = bad["w"].isfinite().expand(2, 8)
+    assert torch.equal(tracker["params"]["w"][~finite], before["params"]["w"][~finite])
+    assert torch.equal(tracker["params"]["w"][finite], expected["params"]["w"][finite])
+    assert int(tracker["t"]) == 2 and torch.equal(tracker["buffers"]["b"], torch.ones(2))
+    assert torch.equal(tracker["params"]["n"], torch.tensor([1, 1]))
+
+
+def test_nonfinite_values_raise_before_anything_is_written() -> None:
+    tracker, bad, buffers = _poisoned_tracker()
+    before = optree.tree_map(torch.clone, tracker)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "posthoc_update_: non-finite value at 'w': expected finite params, got 1 NaN and 1 Inf"
+        ),
+    ):
+        fe.posthoc_update_(tracker, bad, buffers, nonfinite="raise")
+    assert_bits_equal(tracker, before)  # the time, the averages and the buffers
+
+
+def test_nonfinite_values_propagate_as_in_tf() -> None:
+    tracker, bad, buffers = _poisoned_tracker()
+    fe.posthoc_update_(tracker, bad, buffers, nonfinite="propagate")
+    w = tracker["params"]["w"]
+    assert bool(w[:, 2].isnan().all()) and bool((w[:, 5] == -float("inf")).all())
+    assert bool(w[:, [0, 1, 3, 4, 6, 7]].isfinite().all())
+
+
+BAD_PROFILES = [  # (sigma_rel, gamma, the error every API raises)
+    ("x", None, TypeError),
+    (True, None, TypeError),
+    ([0.1, "x"], None, TypeError),
+    (torch.tensor([0.1, 0.5]), None, ValueError),
+    (0.5, None, ValueError),
+    (float("nan"), None, ValueError),
+    ([], None, ValueError),
+    (0.1, 6.9, ValueError),
+    (None, None, ValueError),
+    (None, "7", TypeError),
+    (None, [1.0, 0.0], ValueError),
+    (None, float("inf"), ValueError),
+]
+
+
+@pytest.mark.parametrize(("sigma_rel", "gamma", "error"), BAD_PROFILES)
+def test_a_bad_profile_raises_the_same_error_everywhere(
+    sigma_rel: object, gamma: object, error: type[Exception], tmp_path: Path
+) -> None:
+    store = fe.SnapshotStore.create(tmp_path)  # no snapshots: the profile is checked first
+    params = {"w": torch.zeros(2)}
+    calls = {
+        "power": lambda: fe.power(gamma, sigma_rel=sigma_rel),
+        "posthoc_init": lambda: fe.posthoc_init(params, sigma_rel=sigma_rel, gamma=gamma),
+        "posthoc_coefficients": lambda: fe.posthoc_coefficients(
+            [10], [6.9], 10, sigma_rel=sigma_rel, gamma=gamma
+        ),
+        "reconstruct": lambda: fe.reconstruct(store, sigma_rel, gamma=gamma),
+    }
+    for name, scalar in (("sigma_rel", sigma_rel), ("gamma", gamma)):
+        if isinstance(scalar, str | bool | float) and (sigma_rel is None) != (gamma is None):
+            convert = fe.sigma_rel_to_gamma if name == "sigma_rel" else fe.gamma_to_sigma_rel
+            calls[convert.__name__] = lambda convert=convert, scalar=scalar: convert(scalar)
+    for api, call in calls.items():
+        with pytest.raises(error, match=f"^{api}: ") as raised:
+            call()
+        assert type(raised.value) is error
 
 
 # --- the solver -------------------------------------------------------------------------
@@ -163,7 +307,7 @@ def test_inner_product_matches_quadrature() -> None:
 
     for t_a, g_a, t_b, g_b in [(1.0, 6.9, 1.0, 17.0), (0.5, 3.0, 0.9, 6.9), (0.9, 17, 0.3, 2)]:
         numeric = torch.trapezoid(profile(t_a, g_a) * profile(t_b, g_b), tau)
-        closed = _inner(*(torch.tensor(v, dtype=F64) for v in (t_a, g_a, t_b, g_b)))
+        closed = inner(*(torch.tensor(v, dtype=F64) for v in (t_a, g_a, t_b, g_b)))
         assert float(closed) == pytest.approx(float(numeric), rel=1e-4)
 
 
@@ -176,8 +320,8 @@ def _snapshot_grid(every: int, steps: int) -> tuple[list[int], list[float]]:
 def _profile_error(x: torch.Tensor, times: list[int], gammas: list[float], t: float, g: float):
     t_i = torch.tensor(times, dtype=F64) / t
     g_i = torch.tensor(gammas, dtype=F64)
-    a = _inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
-    b = _inner(t_i, g_i, torch.tensor(1.0, dtype=F64), torch.tensor(g, dtype=F64))
+    a = inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
+    b = inner(t_i, g_i, torch.tensor(1.0, dtype=F64), torch.tensor(g, dtype=F64))
     r = (g + 1) ** 2 / (2 * g + 1)
     return math.sqrt(max(float(x @ a @ x - 2 * x @ b + r), 0.0) / r)
 
@@ -211,10 +355,12 @@ def test_coefficients_refuse_invalid_input() -> None:
         fe.posthoc_coefficients([100, 200], [6.9, 17.0], 50, sigma_rel=0.1)
     with pytest.raises(ValueError, match="same length"):
         fe.posthoc_coefficients([100, 200], [6.9], 200, sigma_rel=0.1)
-    with pytest.raises(ValueError, match="sigma_rel at 'sigma_rel'"):
+    with pytest.raises(ValueError, match="sigma_rel out of range at 'sigma_rel'"):
         fe.posthoc_coefficients([100], [6.9], 100, sigma_rel=0.3)
-    with pytest.raises(ValueError, match="time at 't'"):
+    with pytest.raises(ValueError, match="time out of range at 't'"):
         fe.posthoc_coefficients([100], [6.9], float("inf"), sigma_rel=0.1)
+    with pytest.raises(TypeError, match="time of the wrong type at 't'"):
+        fe.posthoc_coefficients([100], [6.9], "100", sigma_rel=0.1)  # type: ignore[arg-type]
 
 
 # --- the snapshot store -----------------------------------------------------------------
@@ -410,14 +556,16 @@ def test_normalized_coefficients_keep_constants_exact(tmp_path: Path) -> None:
 
 def test_reconstruct_refuses_invalid_targets(tmp_path: Path) -> None:
     store, _, _ = _random_walk_run(tmp_path, steps=100, every=20)
-    with pytest.raises(ValueError, match=r"profile error at 'sigma_rel': expected a relative L2"):
+    with pytest.raises(
+        ValueError, match=r"profile error too large at 'sigma_rel': expected a relative L2"
+    ):
         fe.reconstruct(store, sigma_rel=0.01)
     far = fe.reconstruct(store, sigma_rel=0.01, max_error=None)
     assert far.error > 0.1
     for bad in (0.0, 0.3):
         with pytest.raises(
             ValueError,
-            match=re.escape("sigma_rel at 'sigma_rel': expected a number in (0, 0.2887)"),
+            match=re.escape("out of range at 'sigma_rel': expected a number in (0, 0.2887)"),
         ):
             fe.reconstruct(store, sigma_rel=bad)
     for t in (10, 101, 0):
@@ -425,7 +573,12 @@ def test_reconstruct_refuses_invalid_targets(tmp_path: Path) -> None:
             ValueError, match=re.escape("between the first and the last snapshot (20 to 100)")
         ):
             fe.reconstruct(store, sigma_rel=0.1, t=t)
-    with pytest.raises(ValueError, match="expected at least one, got none"):
+    with pytest.raises(TypeError, match="time of the wrong type at 't'"):
+        fe.reconstruct(store, sigma_rel=0.1, t=100.0)  # type: ignore[arg-type]
+    for bad_error, error in (("0.1", TypeError), (True, TypeError), (0.0, ValueError)):
+        with pytest.raises(error, match=r"max_error .* at 'max_error'"):
+            fe.reconstruct(store, sigma_rel=0.1, max_error=bad_error)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no snapshots at 'store': expected at least one"):
         fe.reconstruct(fe.SnapshotStore.create(tmp_path / "empty"), sigma_rel=0.1)
     with pytest.raises(TypeError, match="expected a SnapshotStore"):
         fe.reconstruct(str(tmp_path), sigma_rel=0.1)  # type: ignore[arg-type]
@@ -475,7 +628,7 @@ def test_reconstruction_as_a_module(tmp_path: Path) -> None:
     buffers = {k: v.to(model.get_buffer(k).dtype) for k, v in result.buffers.items()}
     model.eval()
     assert torch.equal(rebuilt(x), fe.apply(model, params, buffers, x))
-    with pytest.raises(ValueError, match="names at 'model'"):
+    with pytest.raises(ValueError, match="names mismatch at 'model'"):
         result.module(torch.nn.Linear(3, 4))
 
 
@@ -533,6 +686,10 @@ _WRITER = textwrap.dedent(
 )
 
 
+_WRITER_ENV = {**os.environ, "FUNCTIONAL_EMA_COMPILE": "0"}
+"""The writers test the files, not the kernels: the eager path starts in a second, not ten."""
+
+
 def _expected_ramp(last: int) -> dict[int, torch.Tensor]:
     """The writer's tracked averages of w = t (float32) at t = 10, 20, ..., last."""
     tracker = fe.posthoc_init({"w": torch.zeros(1)}, sigma_rel=SIGMAS)
@@ -567,6 +724,7 @@ def test_a_write_killed_mid_way_leaves_the_store_loadable(tmp_path: Path, mode: 
         text=True,
         timeout=120,
         check=False,
+        env=_WRITER_ENV,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert done.stdout.split() == ["10", "20", "30"]
@@ -589,6 +747,7 @@ def test_writers_killed_at_random_points_leave_the_store_loadable(tmp_path: Path
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=_WRITER_ENV,
         )
         for seed in seeds
     ]
