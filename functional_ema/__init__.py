@@ -9,7 +9,7 @@ layers below it (import-linter checks this in CI, with the contracts in ``pyproj
 2. Tensors and trees: ``_arith`` (the TF step and the non-finite masking, written once),
    ``_kernels`` (compiled from ``_arith``), ``_engine`` (in-place plans over regions),
    ``_tree`` (pytree checks with leaf paths), ``_decay`` (decays, intervals, TF's weight),
-   ``_dtensor`` (shard-local DTensor updates).
+   ``_profiles`` (EDM2's power profiles), ``_dtensor`` (shard-local DTensor updates).
 3. Functional core: ``_core`` (``ema_update``), ``_state`` (``EmaState``, ``init``),
    ``_update`` (``update``: validate, then apply purely or in place), ``_bank`` (decay
    banks), ``_schedules``.
