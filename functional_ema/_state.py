@@ -172,7 +172,13 @@ def check_state_structure(api: str, state: Any, name: str = "state") -> None:
             f"a dict with keys {short_list(map(str, state))}"
             if isinstance(state, dict)
             else describe(state),
-            "Create it with functional_ema.init.",
+            "Create it with functional_ema.init."
+            + (
+                " A state saved with the counter under its former name 'nonfinite' is read "
+                "by functional_ema.check_state(state, like=functional_ema.init(...))."
+                if "nonfinite" in keys
+                else ""
+            ),
         )
     for key in ("step", "nonfinite_updates"):
         check_counter(api, state[key], key)

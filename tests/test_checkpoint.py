@@ -602,3 +602,10 @@ def test_check_state_reads_the_counter_under_its_former_name() -> None:
     resumed = fe.check_state(old, like=fe.init(*fe.module_state(model)))
     assert set(resumed) == set(state)
     assert resumed["nonfinite_updates"] is state["nonfinite_updates"]
+
+
+def test_a_state_with_the_former_counter_name_points_to_check_state() -> None:
+    state = fe.init({"w": torch.zeros(2)})
+    old = {("nonfinite" if k == "nonfinite_updates" else k): v for k, v in state.items()}
+    with pytest.raises(TypeError, match=r"former name 'nonfinite' is read by .*check_state"):
+        fe.update(old, {"w": torch.ones(2)}, 0.9)  # type: ignore[arg-type]
