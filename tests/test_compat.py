@@ -72,14 +72,20 @@ def test_without_fsdp_state_the_gathered_check_defers_to_the_update() -> None:
         assert _compat.fsdp_unsharded(nn.Linear(2, 2)) is None
 
 
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> _kernels.Compiled:
+    """A new kernel cache, compiling on, used by the engine for every region size."""
+    kernels = _kernels.Compiled()
+    kernels.enabled = True
+    monkeypatch.setattr(_engine, "compiled", kernels)
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    return kernels
+
+
 @pytest.mark.compile
 def test_without_standalone_compile_kernels_come_from_torch_compile(
-    monkeypatch: pytest.MonkeyPatch,
+    fresh: _kernels.Compiled,
 ) -> None:
-    fresh = _kernels.Compiled()
-    fresh.enabled = True
-    monkeypatch.setattr(_engine, "compiled", fresh)
-    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
     expected = _scattered_update()
     with _compat.forced_off("standalone_compile"):
         with pytest.raises(RuntimeError, match="standalone_compile is not available"):
@@ -90,14 +96,10 @@ def test_without_standalone_compile_kernels_come_from_torch_compile(
 
 
 def test_without_precision_casts_nothing_is_compiled_and_the_bits_hold(
-    monkeypatch: pytest.MonkeyPatch,
+    fresh: _kernels.Compiled,
 ) -> None:
-    fresh = _kernels.Compiled()
-    fresh.enabled = True
-    monkeypatch.setattr(_engine, "compiled", fresh)
-    monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
-    monkeypatch.setattr(_engine.compiled, "enabled", False)
-    expected = _scattered_update()
+    fresh.enabled = False
+    expected = _scattered_update()  # the eager path
     fresh.enabled = True
     with (
         _compat.forced_off("precision_casts"),
