@@ -15,7 +15,7 @@ layers below it (import-linter checks this in CI, with the contracts in ``pyproj
    banks), ``_schedules``.
 4. Persistence: ``_io`` (atomic saves, verified loads), ``_restore`` (checks of a loaded
    state).
-5. Module glue: ``_fsdp``, ``_storage``, ``_module`` (module state, ``apply``, exports),
+5. Module glue: ``_fsdp``, ``_fingerprint``, ``_module`` (module state, ``apply``, exports),
    ``_swap`` (averages swapped into a live model).
 6. Adapters: ``_adapter`` (``EMA``) and ``_posthoc`` (EDM2's post-hoc EMA).
 """

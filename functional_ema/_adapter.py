@@ -2,58 +2,33 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+import types
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
+from functional_ema._arith import is_inexact
 from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
-from functional_ema._engine import pack
-from functional_ema._errors import message, wrong_type
+from functional_ema._engine import flat_view, pack
+from functional_ema._errors import message, short_list, wrong_type, wrong_value
+from functional_ema._fingerprint import Fingerprint
 from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
-from functional_ema._module import apply, check_unwrapped, module_state, module_with
+from functional_ema._module import apply, check_materialised, check_unwrapped, module_state
 from functional_ema._restore import check_state_dict
 from functional_ema._schedules import tf_warmup
 from functional_ema._state import EmaState, init
-from functional_ema._storage import StorageGuard
 from functional_ema._swap import swap_in
-from functional_ema._tree import check_pair
+from functional_ema._tree import check_dense_leaves, check_pair
 from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule
 from functional_ema._update import Bound, apply_, check_buffer_policy, validate
-
-
-_registrations = [0]
-"""Counts parameter, buffer and module registrations in modules some ``EMA`` tracks."""
-
-_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-"""The modules of the models EMAs track (registrations elsewhere, e.g. a module assigning
-its own buffer attribute each step, do not invalidate any EMA's cached update)."""
-
-
-def _count_registration(module: nn.Module, name: str, value: object) -> None:
-    del name, value
-    if module in _tracked:
-        _registrations[0] += 1
-
-
-def _watch_registrations() -> None:
-    """Install the global registration hooks once (they only increment a counter)."""
-    if getattr(_watch_registrations, "installed", False):
-        return
-    register_module_parameter_registration_hook(_count_registration)
-    register_module_buffer_registration_hook(_count_registration)
-    register_module_module_registration_hook(_count_registration)
-    _watch_registrations.installed = True  # type: ignore[attr-defined]
 
 
 def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -68,24 +43,54 @@ def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
         owner.register_buffer(leaf, tensor)
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+"""``nn.Module``'s own attributes (slots, hooks, mode): never copied between live and shadow."""
+
+_NOT_SYNCED = (nn.Module, types.MethodType)
+
+
+@dataclass
+class _Shadow:
+    """The shadow module and what it was built from (see ``EMA.shadow``)."""
+
+    module: nn.Module
+    tree: Fingerprint  # the live module tree: a change rebuilds the shadow
+    live: Fingerprint  # the live parameters and their storage: a change re-binds its slots
+    layout: int  # the EMA's ``_layout`` when bound
+    pairs: list[tuple[nn.Module, nn.Module]]  # (live, shadow) modules, in the same order
+    slots: list[tuple[dict[str, Any], str, Tensor]]  # (shadow slot dict, name, tensor)
+    casts: list[tuple[Tensor, Tensor]]  # (the shadow's own copy, the average it casts)
+    version: int
+
+
 class EMA(nn.Module):
     r"""Exponential moving average of a model, for classic training scripts.
 
-    A thin adapter over the functional core: :meth:`update` pulls the live model's state
-    with :func:`module_state` and calls :func:`update_`, with TensorFlow's arithmetic
+    A thin adapter over the functional core: :meth:`update` reads the live model's tensors
+    and calls :func:`update_`, with TensorFlow's arithmetic
     (:math:`\bar\theta \leftarrow \bar\theta - (\bar\theta - \theta)(1 - \beta)`, bit for
-    bit). In training mode ``ema(x)`` runs the live model; in eval mode it runs the averages
-    through ``functional_call`` with the live model as a template (the live model is never
-    touched). ``ema.train()`` / ``ema.eval()`` also set the live model's mode, as the classic
-    ``EMA`` snippet (which registers the model) does; the live model is not registered, so
-    ``ema.state_dict()`` holds only the averages and the step counter and ``ema.to(...)``
-    moves only the averages.
+    bit). In training mode ``ema(x)`` runs the live model; in eval mode it runs
+    :attr:`shadow`, a copy of the model's structure whose parameters are the averages
+    themselves: the live model is never touched, so other threads may use it meanwhile.
+    ``ema.train()`` / ``ema.eval()`` choose between the two; they do not change the live
+    model's mode. The live model is not registered, so ``ema.state_dict()`` holds only the
+    averages, the held buffers and the counters, and ``ema.to(...)`` moves only those.
+
+    What is averaged follows TensorFlow's ``var_list``: the parameters trainable when the EMA
+    is made. Frozen parameters (a fine-tuned model's backbone) are neither held nor copied:
+    the shadow and :meth:`copy_to` use the live frozen tensors. Buffers are held and copied
+    at each update (see ``buffer_policy``).
+
+    Each update checks, at a few tens of nanoseconds per tensor, that the model's tensors are
+    the ones its plan reads (same objects in the module slots, same storage, offset, shape,
+    strides, dtype and device); anything changed (``p.data = ...``, ``model.to(...)``, a
+    buffer reassigned by the forward) is planned again. A change of structure (a parameter or
+    buffer added, removed or renamed) is a ``ValueError`` naming it, before anything is written.
 
     Args:
         model: The live model (not a DDP or ``torch.compile`` wrapper: pass ``model.module``
             or ``model._orig_mod``). The parameters trainable now are averaged (freezing or
-            unfreezing some later does not change which, as TF's ``var_list``); buffers and
-            the other parameters are copied at each update (see ``buffer_policy``).
+            unfreezing some later does not change which, as TF's ``var_list``).
         decay: :math:`\beta \in [0, 1]`: a float, a 0-dim tensor, or a schedule called as
             ``schedule(t, dt)`` (see :func:`update`), e.g. :func:`warmup` or :func:`power`.
         use_num_updates: Apply TF's ``num_updates`` warmup
@@ -100,6 +105,10 @@ class EMA(nn.Module):
             unchanged and ``ema.nonfinite_updates`` counts such updates (on the device);
             ``"raise"``: ``update()`` raises before writing anything; ``"propagate"``: TF's
             behaviour (they enter the average).
+
+    Raises:
+        ValueError: For a wrapper, an ``EMA`` of an ``EMA``, a sparse or meta tensor, or a
+            lazy module not materialised yet.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -127,8 +136,21 @@ class EMA(nn.Module):
         buffer_policy: BufferPolicy = "copy",
         nonfinite: NonFinite = "skip",
     ) -> None:
+        """Make the averages: copies of the model's trainable parameters and buffers.
+
+        See the class docstring for the arguments.
+        """
         super().__init__()
         api = "EMA"
+        if isinstance(model, EMA):
+            raise wrong_value(
+                api,
+                "an EMA of an EMA",
+                "model",
+                "the live model",
+                "an EMA adapter",
+                "Pass the model it tracks (ema.model); to average the averages, pass ema.shadow.",
+            )
         check_unwrapped(api, model, "model")
         if not callable(decay) or isinstance(decay, Tensor):
             decay = check_decay(api, decay)
@@ -143,7 +165,25 @@ class EMA(nn.Module):
             )
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
-        params, buffers = module_state(model)
+        check_materialised(api, model, "before creating the EMA")
+        everything, buffers = module_state(model, trainable_only=False)
+        check_dense_leaves(api, {**everything, **buffers}, "model", meta=False)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        params = {name: t for name, t in everything.items() if name in trainable}
+        if not params:
+            warnings.warn(
+                message(
+                    api,
+                    "nothing to average",
+                    "<root>",
+                    "at least one trainable parameter (requires_grad=True)",
+                    f"none among {len(everything)} parameters",
+                    "Create the EMA after unfreezing the layers to average; as is, update() "
+                    "only copies the buffers.",
+                ),
+                UserWarning,
+                stacklevel=2,
+            )
         state = init(params, buffers, dtype=dtype)
         # The live model is a template, not a submodule: not in state_dict, not moved by .to().
         object.__setattr__(self, "_model", model)
@@ -154,9 +194,16 @@ class EMA(nn.Module):
         self.nonfinite: NonFinite = nonfinite
         self._param_names = list(params)
         self._buffer_names = list(buffers)
+        self._frozen_names = [name for name in everything if name not in params]
         self._swapped = False
-        self._bound: tuple[int, StorageGuard, Bound] | None = None
-        _watch_registrations()
+        self._warned_eval = False
+        self._planned: tuple[Fingerprint, Bound] | None = None
+        self._planned_names: dict[int, tuple[Tensor, str]] = {}
+        self._shadow_built: _Shadow | None = None
+        self._copy_error: str | None = None
+        self._version = 0  # counts writes to the averages (update, load): refreshes casts
+        self._layout = 0  # counts replacements of the averages' tensors (.to(), assign)
+        self._lock = threading.RLock()
         self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
         self.register_buffer("nonfinite_updates", state["nonfinite_updates"])
@@ -180,18 +227,19 @@ class EMA(nn.Module):
         }
 
     def train(self, mode: bool = True) -> EMA:
-        """Set the adapter's and the live model's mode (eval: ``forward`` uses the averages)."""
-        super().train(mode)
-        self._model.train(mode)
-        return self
+        """Route ``forward``: the live model (``True``) or the averages (``False``).
 
-    @torch.no_grad()
+        The live model's own mode is left as it is (set it with ``model.train()``);
+        :meth:`update` follows the live model's mode, not this one.
+        """
+        return super().train(mode)
+
     def update(self, dt: int | Tensor = 1) -> None:
         """Update the averages from the live model (one call per optimizer step).
 
-        Calls :func:`update_` on the adapter's state with the model's current
-        :func:`module_state`; all checks run before anything is written. In eval mode it
-        warns and does nothing, as the classic ``EMA`` snippet does.
+        Runs whenever the live model is in training mode (``model.training``), whatever
+        ``ema.eval()`` was called before; while the live model is in eval mode it does
+        nothing and warns once. All checks run before anything is written.
 
         Args:
             dt: Steps since the last update (e.g. ``k`` when updating every ``k`` steps): the
@@ -199,9 +247,10 @@ class EMA(nn.Module):
 
         Raises:
             RuntimeError: Inside :meth:`swap` (the model holds the averages, not the weights).
-            ValueError: If the model's names, shapes or devices changed since construction,
-                or an FSDP2 model holds gathered parameters after a forward without backward
-                (call ``model.reshard()`` first).
+            ValueError: If a parameter or buffer was added, removed, renamed or moved to
+                another name since construction, a shape or device changed, or an FSDP2 model
+                holds gathered parameters after a forward without backward (call
+                ``model.reshard()`` first).
         """
         if self._swapped:
             raise RuntimeError(
@@ -215,113 +264,390 @@ class EMA(nn.Module):
                     "`with` block.",
                 )
             )
-        if not self.training:
-            warnings.warn(
-                "EMA.update: the EMA is in eval mode; the update was skipped. Call ema.train() "
-                "(or update only during training).",
-                stacklevel=2,
-            )
+        if not self._model.training:
+            if not self._warned_eval:
+                warnings.warn(
+                    "EMA.update: the live model is in eval mode; this update (and any other "
+                    "while it is) was skipped. Call model.train() before training steps; "
+                    "this warning is shown once per EMA.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._warned_eval = True  # after warn: under -W error it raises each time
             return
         if self._fsdp:
             check_sharded("EMA.update", self._model)
-        apply_(self._validated(), self.decay, dt, self.nonfinite)
+        with self._lock:
+            planned = self._planned
+            if planned is not None and planned[0].holds():
+                bound, followed = planned[1], dict[str, Tensor]()
+            else:
+                self._planned = None
+                bound, fingerprint, followed = self._plan("EMA.update")
+            with torch.no_grad():
+                apply_(bound, self.decay, dt, self.nonfinite)
+            if followed:  # written: now they are the held buffers
+                _register_tree(self.averages, followed)
+                self._layout += 1
+            if planned is None or bound is not planned[1]:
+                self._planned = (fingerprint, bound)
+            self._version += 1
 
-    def _validated(self) -> Bound:
-        """The validated update from the live model, cached while the model is unchanged.
+    def _live(self, api: str) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
+        """The live tensors the update reads: ``(params, buffers, slot objects)``.
 
-        The cache holds while no module of the model registered a parameter, buffer or
-        submodule and every parameter and buffer keeps its storage (a :class:`StorageGuard`:
-        one pointer per tensor, or one reference count per buffer that
-        :func:`flatten_parameters_` laid out).
+        Raises:
+            ValueError: If the model's parameters or buffers are not the ones the EMA was
+                made with (added, removed, renamed, or moved to another name).
         """
         model = self._model
-        if self._bound is not None:
-            generation, guard, bound = self._bound
-            if generation == _registrations[0] and guard.holds():
-                return bound
-        modules = list(model.modules())
-        _tracked.update(modules)
-        params, buffers = self._module_state(model)
-        bound = validate("update_", self.state(), params, buffers, self.buffer_policy)
-        live = [*model.parameters(), *model.buffers()]
-        self._bound = (_registrations[0], StorageGuard(modules, live), bound)
-        return bound
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        known = {*self._param_names, *self._frozen_names}
+        missing = [n for n in self._param_names if n not in params]
+        missing += [n for n in self._buffer_names if n not in buffers]
+        extra = [n for n in params if n not in known]
+        extra += [n for n in buffers if n not in set(self._buffer_names)]
+        if missing or extra:
+            raise wrong_value(
+                api,
+                "the model's parameters or buffers changed since the EMA was made",
+                (missing or extra)[0],
+                f"the names at construction (missing now: {short_list(missing)})",
+                f"new names {short_list(extra)}",
+                "An EMA averages the tensors it was made with (TF's var_list): restore the "
+                "module, or make a new EMA and load what still matches with "
+                "new.load_state_dict(old.state_dict(), strict=False).",
+            )
+        live_params = {name: params[name] for name in self._param_names}
+        live_buffers = {name: buffers[name] for name in self._buffer_names}
+        slots = [*live_params.values(), *live_buffers.values()]
+        planned = self._planned_names
+        for name, tensor in zip([*live_params, *live_buffers], slots, strict=True):
+            before = planned.get(id(tensor))
+            if before is not None and before[0] is tensor and before[1] != name:
+                raise wrong_value(
+                    api,
+                    "a tensor moved to another name",
+                    name,
+                    f"the tensor averaged as {before[1]!r} to stay there",
+                    f"it now sits at {name!r}",
+                    "Submodules were swapped or reordered: an EMA follows the model by name. "
+                    "Restore the order, or make a new EMA for the new model.",
+                )
+        detached = {name: t.detach() for name, t in live_params.items()}
+        return detached, {name: t.detach() for name, t in live_buffers.items()}, slots
+
+    def _plan(self, api: str) -> tuple[Bound, Fingerprint, dict[str, Tensor]]:
+        """Validate the live model against the averages: ``(bound, fingerprint, followed)``.
+
+        ``followed`` are new held tensors for copied buffers whose shape or dtype changed:
+        the bound writes into them; the caller registers them once the update succeeded.
+        """
+        params, buffers, slots = self._live(api)
+        state = self.state()
+        followed = self._followed_buffers(state["buffers"], buffers)
+        state["buffers"].update(followed)
+        bound = validate(api, state, params, buffers, self.buffer_policy)
+        names = [*params, *buffers]
+        self._planned_names = {id(t): (t, name) for name, t in zip(names, slots, strict=True)}
+        return bound, Fingerprint(self._model, slots), followed
+
+    def _validated(self) -> Bound:
+        """The validated update from the live model (planned again when anything moved)."""
+        with self._lock:
+            planned = self._planned
+            if planned is not None and planned[0].holds():
+                return planned[1]
+            bound, fingerprint, followed = self._plan("EMA.update")
+            if followed:
+                return bound  # not kept: the followed buffers are registered by update()
+            self._planned = (fingerprint, bound)
+            return bound
+
+    def _followed_buffers(
+        self, held: dict[str, Tensor], live: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """New held tensors for copied buffers whose shape or dtype the model changed.
+
+        A copied buffer mirrors the live one: when the forward ``resize_``s it (a
+        quantization observer's ``min_val``) or a conversion changes its dtype, the held
+        copy takes the new shape and dtype (the update writes its values). Averaged buffers
+        keep theirs (a changed shape is an error).
+        """
+        followed = {}
+        for name, tensor in live.items():
+            mine = held[name]
+            copied = self.buffer_policy == "copy" or not is_inexact(mine)
+            if (
+                copied
+                and mine.device == tensor.device
+                and (mine.shape != tensor.shape or mine.dtype != tensor.dtype)
+            ):
+                followed[name] = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        return followed
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMA:
-        """``.to()``, ``.cuda()``, ``.half()``...: convert, then lay the averages out again."""
+        """``.to()``, ``.half()``, ``.share_memory()``...: convert, then keep one region.
+
+        Averages a conversion scattered (one new tensor each) are laid out again as init
+        lays them out; a conversion that kept the layout (``share_memory()``) or made a
+        tensor non-contiguous (a memory format asked for) is left as it is.
+        """
         super()._apply(fn, recurse)
-        self._bound = None
+        self._forget()
+        self._layout += 1
         state = self.state()
-        for group in (state["params"], state["buffers"]):  # as init lays them out
+        for group in (state["params"], state["buffers"]):
             names = sorted(group)  # optree's dict order, which the engine follows
-            packed = pack([group[name] for name in names])
+            tensors = [group[name] for name in names]
+            keep = any(t.is_shared() or not t.is_contiguous() for t in tensors)
+            by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for tensor in tensors:
+                by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+            if keep or all(flat_view(ts) is not None for ts in by_kind.values()):
+                continue
+            packed = pack(tensors)
             _register_tree(self.averages, dict(zip(names, packed, strict=True)))
         return self
 
-    def _module_state(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """:func:`module_state` of ``module``, split as at construction.
+    def _forget(self) -> None:
+        """Drop the cached plan (made again on next use); the shadow re-binds (``_layout``)."""
+        self._planned = None
+        self._planned_names = {}
 
-        The parameters averaged are those trainable when the EMA was made, whatever their
-        ``requires_grad`` now.
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the caches (plans, shadow module, lock): rebuilt after loading.
+
+        Raises:
+            RuntimeError: Inside :meth:`swap`, where the model holds the averages.
         """
-        params, buffers = module_state(module, trainable_only=False)
-        copied = set(self._buffer_names)  # a parameter added since is averaged
-        kept = {name: t for name, t in params.items() if name in copied}
-        return {name: t for name, t in params.items() if name not in copied}, {**kept, **buffers}
+        if self._swapped:
+            raise RuntimeError(
+                message(
+                    "EMA",
+                    "copied or pickled inside `with ema.swap():`",
+                    "<root>",
+                    "the live weights in the model",
+                    "the averages (swapped in until the block ends)",
+                    "A copy would keep the averages as the model's weights: copy after the "
+                    "`with` block.",
+                )
+            )
+        state = self.__dict__.copy()
+        state.update(_planned=None, _planned_names={}, _shadow_built=None, _lock=None)
+        return state
 
-    def _averages_for(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The averages keyed like ``self._module_state(module)``, cast to its dtypes."""
-        live_params, live_buffers = self._module_state(module)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled EMA (a fresh lock; caches rebuilt on first use)."""
+        super().__setstate__(state)
+        self._lock = threading.RLock()
+
+    # --- the averages as the model's values ---------------------------------------------
+
+    def _values_for(self, module: nn.Module) -> dict[str, Tensor]:
+        """Every parameter and buffer value of ``module`` as the averages give it.
+
+        Trainable parameters: the averages; frozen ones: the live model's own; buffers: the
+        held ones. Cast to ``module``'s dtypes (no copy where they match).
+        """
+        live_params, live_buffers = module_state(module, trainable_only=False)
+        live = {**live_params, **live_buffers}
+        state = self.state()
+        own = dict(self._model.named_parameters())
+        held = {
+            **state["params"],
+            **state["buffers"],
+            **{name: own[name].detach() for name in self._frozen_names if name in own},
+        }
+        check_pair("EMA", held, live, ("averages", "module"))
+        return {name: held[name].to(live[name].dtype) for name in live}
+
+    def _shadow(self) -> _Shadow | None:
+        """The shadow module, bound to the current averages; ``None`` if it cannot be made.
+
+        Rebuilt (a deep copy) only when the live module tree changed; re-bound (its slots
+        pointed at new tensors) when the averages or a live parameter were replaced;
+        cast copies refreshed after updates; slots the shadow's own forward reassigned are
+        put back; the live modules' plain attributes (not slots, hooks or mode) copied
+        over, so the shadow runs the live model's configuration.
+        """
+        with self._lock:
+            built = self._shadow_built
+            if built is None or not built.tree.structure_holds():
+                built = self._build_shadow()
+                if built is None:
+                    return None
+                self._shadow_built = built
+            elif built.layout != self._layout or not built.live.holds():
+                self._bind(built)
+            version = self._version  # read first: an update meanwhile refreshes again
+            if built.version != version:
+                with torch.no_grad():
+                    for target, source in built.casts:
+                        target.copy_(source)
+                built.version = version
+            for slots, name, tensor in built.slots:
+                if slots.get(name) is not tensor:
+                    slots[name] = tensor
+            for live, shadow in built.pairs:
+                own = shadow.__dict__
+                for key, value in live.__dict__.items():
+                    if key in _MODULE_INTERNALS or isinstance(value, _NOT_SYNCED):
+                        continue  # slots, hooks, mode; modules; methods bound to a live one
+                    if own.get(key, own) is not value:
+                        own[key] = value
+            return built
+
+    def _values_by_id(self) -> tuple[dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
+        """What the shadow holds for each live tensor (by id), and the cast copies made.
+
+        Trainable parameters: the averages (no copy where dtype and device match);
+        frozen ones: the live storage (shared, ``requires_grad=False``); buffers: the held
+        ones.
+        """
+        model = self._model
         state = self.state()
         held = {**state["params"], **state["buffers"]}
-        live = {**live_params, **live_buffers}
-        check_pair("EMA", held, live, ("averages", "module"))
-        return (
-            {name: held[name].to(live[name].dtype) for name in live_params},
-            {name: held[name].to(live[name].dtype) for name in live_buffers},
+        frozen = set(self._frozen_names)
+        values: dict[int, Tensor] = {}
+        casts: list[tuple[Tensor, Tensor]] = []
+
+        def value(name: str, like: Tensor) -> Tensor:
+            average = held[name]
+            if average.dtype == like.dtype and average.device == like.device:
+                return average  # the average itself: no copy
+            cast = average.to(device=like.device, dtype=like.dtype, copy=True)
+            casts.append((cast, average))
+            return cast
+
+        for name, param in model.named_parameters():
+            data = param.detach() if name in frozen else value(name, param)
+            values[id(param)] = nn.Parameter(data, requires_grad=False)
+        for name, buffer in model.named_buffers():
+            values[id(buffer)] = value(name, buffer)
+        return values, casts
+
+    def _bind(self, built: _Shadow) -> None:
+        """Point the shadow's slots at the current averages (the module tree is the same)."""
+        values, casts = self._values_by_id()
+        built.slots = []
+        for live, shadow in built.pairs:
+            for kind in ("_parameters", "_buffers"):
+                own = getattr(shadow, kind)
+                for name, tensor in getattr(live, kind).items():
+                    if tensor is not None:
+                        built.slots.append((own, name, values[id(tensor)]))
+        built.casts = casts
+        built.version = -1
+        built.layout = self._layout
+        built.live = self._live_fingerprint()
+        for slots, name, tensor in built.slots:
+            slots[name] = tensor
+
+    def _live_fingerprint(self) -> Fingerprint:
+        return Fingerprint(
+            self._model,
+            list(self._model.parameters()),
+            watched=("modules", "parameters"),
+            named=("buffers",),
+        )
+
+    def _build_shadow(self) -> _Shadow | None:
+        """A deep copy of the model's structure holding the averages (see :attr:`shadow`)."""
+        model = self._model
+        values, _ = self._values_by_id()
+        try:
+            module = copy.deepcopy(model, dict(values))
+        except Exception as error:  # a lock, a trainer reference: no shadow module
+            self._copy_error = f"{type(error).__name__}: {error}"
+            return None
+        module.eval()
+        pairs = list(
+            zip(
+                model.modules(),
+                module.modules(),
+                strict=True,
+            )
+        )
+        tree = Fingerprint(model, watched=("modules",), named=("parameters", "buffers"))
+        built = _Shadow(module, tree, self._live_fingerprint(), self._layout, pairs, [], [], -1)
+        self._bind(built)
+        return built
+
+    def _no_shadow(self, api: str) -> str:
+        return message(
+            api,
+            "model cannot be deep-copied",
+            "<root>",
+            "a model copy.deepcopy can copy (the shadow module shares its tensors)",
+            self._copy_error,
+            "Make the model copyable (keep locks, trainers and open files out of its "
+            "attributes, or give it a __deepcopy__), or export with ema.copy_to(fresh_model).",
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Train mode: the live model. Eval mode: the averages (the live model untouched).
+        """Train mode: the live model. Eval mode: the shadow (the live model untouched).
 
-        For an FSDP2 model, whose hooks ignore ``functional_call``'s weights, eval mode runs
-        the live model inside :meth:`swap` (in place, restored bit for bit).
+        For an FSDP2 model, whose hooks ignore other modules' weights, eval mode runs the
+        live model inside :meth:`swap` (in place, restored bit for bit). For a model that
+        cannot be deep-copied, it runs the averages through ``torch.func.functional_call``
+        on the live model, which holds them during the call (warned once: other threads
+        must not use the live model meanwhile).
         """
         if self.training:
             return self._model(*args, **kwargs)
         if self._fsdp:
             with self.swap() as model:
                 return model(*args, **kwargs)
-        params, buffers = self._averages_for(self._model)
+        built = self._shadow()
+        if built is not None:
+            return built.module(*args, **kwargs)
+        if not getattr(self, "_warned_copy", False):
+            warnings.warn(
+                self._no_shadow("EMA.forward")
+                + " Meanwhile eval runs torch.func.functional_call on the live model, which "
+                "holds the averages during the call: do not use it from other threads.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._warned_copy = True
+        values = self._values_for(self._model)
+        live_params, live_buffers = module_state(self._model)
+        params = {name: values[name] for name in live_params}
+        buffers = {name: values[name] for name in live_buffers}
         return apply(self._model, params, buffers, *args, **kwargs)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
-        """Copy the averages (and held buffers) into ``module``'s own tensors.
+        """Copy the averages, the frozen parameters and the held buffers into ``module``.
 
         Args:
             module: A model with the tracked model's names and shapes (e.g. a fresh instance
-                for export); floating values are cast to its dtypes.
+                for export); floating values are cast to its dtypes. Its frozen parameters get
+                the live model's values (the EMA does not hold them).
 
         Raises:
             ValueError: If names, shapes or devices differ (checked before any write).
         """
         check_unwrapped("EMA.copy_to", module)
-        params, buffers = self._averages_for(module)
-        averages = {**params, **buffers}
-        live_params, live_buffers = self._module_state(module)
+        values = self._values_for(module)
+        live_params, live_buffers = module_state(module, trainable_only=False)
         for name, tensor in {**live_params, **live_buffers}.items():
-            tensor.copy_(averages[name])
+            tensor.copy_(values[name])
 
     @contextmanager
     def swap(self) -> Iterator[nn.Module]:
         """Swap the averages into the live model for the ``with`` block, then restore it.
 
         The live weights and buffers are restored bit for bit on exit, also when the body
-        raises. ``update()`` is refused inside the block, and so are the live model's
-        ``state_dict()`` (saving the averages as the model's weights is the classic resume
-        bug: save the averages with ``ema.state_dict()`` or ``ema.shadow.state_dict()``) and
-        ``load_state_dict()`` (the exit would undo it); both raise ``RuntimeError``.
+        raises, and so are the module's parameter and buffer slots (a forward that reassigns
+        a buffer is undone). Frozen parameters are left as they are. ``update()`` is refused
+        inside the block, and so are the live model's ``state_dict()`` (saving the averages
+        as the model's weights is the classic resume bug: save the averages with
+        ``ema.state_dict()`` or ``ema.shadow.state_dict()``) and ``load_state_dict()`` (the
+        exit would undo it); both raise ``RuntimeError``. Prefer ``ema.eval()`` and
+        ``ema(x)``, which leave the live model alone.
 
         Yields:
             The live model, holding the averages.
@@ -348,7 +674,10 @@ class EMA(nn.Module):
                 )
             )
         reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
-        params, buffers = self._averages_for(self._model)
+        values = self._values_for(self._model)
+        live_params, live_buffers = module_state(self._model)
+        params = {name: values[name] for name in live_params}
+        buffers = {name: values[name] for name in live_buffers}
         with swap_in("EMA.swap", self._model, params, buffers) as model:
             self._swapped = True
             try:
@@ -358,13 +687,20 @@ class EMA(nn.Module):
 
     @property
     def shadow(self) -> nn.Module:
-        """A new module with the model's structure and names, holding a copy of the averages.
+        """The averaged model: the model's structure and names, holding the averages.
 
-        Built by copying the live model's structure with every parameter and buffer replaced
-        by the (cast) averages, so no live tensor is copied; its parameters have
-        ``requires_grad=False`` and it is returned in eval mode, for export and evaluation
-        code that needs a module. Not for an FSDP2 model (it cannot be deep-copied): export
-        with :func:`full_state_dict` there.
+        The same module at every access (built on first use, rebuilt only when the live
+        model's structure, a parameter's storage or the averages' device changes): its
+        trainable parameters are the averages' own tensors (no copy; a cast copy, refreshed
+        after each update, where ``dtype`` differs from the model's), its frozen parameters
+        are the live model's (shared), its buffers are the held buffers. Parameters have
+        ``requires_grad=False``; it is in eval mode. Writing into it writes the averages.
+        Not for an FSDP2 model (export with :func:`full_state_dict` there) nor a model that
+        ``copy.deepcopy`` cannot copy.
+
+        Raises:
+            ValueError: For an FSDP2 model.
+            TypeError: For a model that cannot be deep-copied (the message says why).
         """
         reject_fsdp(
             "EMA.shadow",
@@ -373,8 +709,10 @@ class EMA(nn.Module):
             "Export the averages with fe.full_state_dict(ema.model, ema.state()['params'], "
             "ema.state()['buffers']) on every rank and load them into a plain model.",
         )
-        params, buffers = self._averages_for(self._model)
-        return module_with(self._model, {**params, **buffers})
+        built = self._shadow()
+        if built is None:
+            raise TypeError(self._no_shadow("EMA.shadow"))
+        return built.module
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -383,7 +721,8 @@ class EMA(nn.Module):
 
         Keys saved through a DDP or ``torch.compile`` wrapper (``module.`` / ``_orig_mod.``
         segments) are mapped to this adapter's. Tensors may be on any device (they are
-        copied), but shapes and dtypes must match exactly.
+        copied), but shapes and dtypes must match exactly. Frozen parameters saved by
+        earlier versions (which held them) are ignored.
 
         Raises:
             ValueError: Missing or unexpected keys (with ``strict``) or shape mismatches (all
@@ -392,8 +731,16 @@ class EMA(nn.Module):
             TypeError: ``state_dict`` is not a dict, or every difference is of type or dtype
                 (a value that is not a tensor, a tensor of another dtype).
         """
+        if isinstance(state_dict, dict):
+            frozen = {f"averages.{name}" for name in self._frozen_names}
+            if any(key in frozen for key in state_dict):
+                state_dict = {k: v for k, v in state_dict.items() if k not in frozen}
         state_dict = check_state_dict(
             "EMA.load_state_dict", state_dict, self.state_dict(keep_vars=True), strict=strict
         )
-        self._bound = None
+        self._planned = None
+        self._version += 1
+        if assign:
+            self._forget()
+            self._layout += 1
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

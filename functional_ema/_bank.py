@@ -23,7 +23,7 @@ from torch import Tensor
 
 from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._core import check_policy, raise_if_nonfinite
-from functional_ema._decay import averaging_weight, check_decay
+from functional_ema._decay import averaging_weight, check_decay, check_decays_tensor
 from functional_ema._dtensor import dtensor_type, localize, rewrap
 from functional_ema._engine import fast_path_ok, update_bank_leaf_
 from functional_ema._errors import describe, wrong_type, wrong_value
@@ -83,6 +83,7 @@ def _check_decays(api: str, decays: object) -> Tensor:
         if decays.ndim != 1:
             what = "decays not 1-D"
             raise wrong_value(api, what, "decays", expected, describe(decays), _DECAYS_FIX)
+        check_decays_tensor(api, decays)  # a CPU tensor is read (free); others are not
         return decays
     if not isinstance(decays, Sequence) or isinstance(decays, str):
         what = "decays of the wrong type"

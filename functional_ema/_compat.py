@@ -12,10 +12,16 @@ probe                     fallback when it fails
 ========================  ====================================================================
 ``functorch``             every tensor counts as wrapped by a ``torch.func`` transform: no
                           host reads of tensor values, no engine fast path (same bits)
-``storage_use_count``     no reference counts: the adapter watches every tensor's pointer
+``tensor_guards``         the adapter's per-update check of every tensor's dtype, device,
+                          shape, strides and ``requires_grad`` runs in Python (same answer,
+                          slower on models of many tensors)
 ``foreach_copy``          one ``copy_`` per tensor
 ``standalone_compile``    ``torch.compile`` builds the update kernels
 ``precision_casts``       no compiled kernels (Inductor could not round like eager): eager
+``compile_lock``          kernel builds do not hold Dynamo's compile lock (a ``torch.compile``
+                          in another thread may compile at the same time)
+``dynamo_counters``       Dynamo's compile counters are unreadable: torch's compiler counts as
+                          in use once imported, so updates wait for their kernel's build
 ``fsdp_state``            an FSDP2 module's gathered state cannot be read; the update's
                           DTensor check still rejects gathered parameters
 ========================  ====================================================================
@@ -23,9 +29,12 @@ probe                     fallback when it fails
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +42,12 @@ from torch import Tensor, nn
 
 PROBES = (
     "functorch",
-    "storage_use_count",
+    "tensor_guards",
     "foreach_copy",
     "standalone_compile",
     "precision_casts",
+    "compile_lock",
+    "dynamo_counters",
     "fsdp_state",
 )
 """The names :func:`available` answers for."""
@@ -54,7 +65,9 @@ def available(probe: str) -> bool:
 _IS_WRAPPED: Callable[[Tensor], bool] | None = getattr(
     torch._C._functorch, "is_functorch_wrapped_tensor", None
 )
-_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+_TENSOR_GUARDS: Callable[..., object] | None = getattr(
+    getattr(getattr(torch._C, "_dynamo", None), "guards", None), "TensorGuards", None
+)
 _FOREACH_COPY: Callable[[list[Tensor], list[Tensor]], None] | None = getattr(
     torch, "_foreach_copy_", None
 )
@@ -64,17 +77,23 @@ _FOREACH_COPY: Callable[[list[Tensor], list[Tensor]], None] | None = getattr(
 def _probe(probe: str) -> bool:
     if probe == "functorch":
         return callable(_IS_WRAPPED)
-    if probe == "storage_use_count":
-        return callable(_USE_COUNT) and hasattr(torch.UntypedStorage(0), "_cdata")
+    if probe == "tensor_guards":
+        return _guards_work()
     if probe == "foreach_copy":
         return callable(_FOREACH_COPY)
     if probe in ("standalone_compile", "precision_casts"):
-        # Seconds to import: probed on the first compile only.
+        # Seconds to import: probed on the first compile only, on the kernels' build thread.
         inductor = importlib.import_module("torch._inductor")
         if probe == "standalone_compile":
             return callable(getattr(inductor, "standalone_compile", None))
         config = importlib.import_module("torch._inductor.config")
         return hasattr(config, "emulate_precision_casts")
+    if probe == "compile_lock":  # imports Dynamo: probed on the kernels' build thread only
+        lock = getattr(importlib.import_module("torch._dynamo.convert_frame"), "compile_lock", None)
+        return hasattr(lock, "__enter__") and hasattr(lock, "__exit__")
+    if probe == "dynamo_counters":  # asked by compiler_idle only once Dynamo is imported
+        counters = getattr(importlib.import_module("torch._dynamo.utils"), "counters", None)
+        return callable(getattr(counters, "values", None))
     # fsdp_state: FSDP2's module state exposes its parameter groups' sharding. Probed only
     # once an FSDP2 module exists, so torch.distributed.fsdp is imported already.
     try:
@@ -116,21 +135,62 @@ def is_functorch_wrapped(tensor: Tensor) -> bool:
     return bool(_IS_WRAPPED(tensor))
 
 
-def storage_key(tensor: Tensor) -> tuple[int, int, int]:
-    """A storage's identity: its ``StorageImpl`` address, data pointer and size in bytes.
+TensorCheck = Callable[[Sequence[Tensor]], bool]
+"""Answers whether tensors still have the metadata some reference tensors had."""
 
-    Fallback (no ``_cdata``): the Python storage object's id stands for the address.
+
+def _guards_for(tensors: Sequence[Tensor]) -> TensorCheck:
+    """Dynamo's C++ ``TensorGuards`` over ``tensors``, with static sizes and strides."""
+    assert _TENSOR_GUARDS is not None
+    guards: Any = _TENSOR_GUARDS(
+        *tensors,
+        dynamic_dims_sizes=[list(t.shape) for t in tensors],
+        dynamic_dims_strides=[list(t.stride()) for t in tensors],
+    )
+    return lambda current: bool(guards.check(*current))
+
+
+def _metadata(tensor: Tensor) -> tuple[object, ...]:
+    return (
+        type(tensor),
+        tensor.dtype,
+        tensor.device,
+        tensor.shape,
+        tensor.stride(),
+        tensor.requires_grad,
+        tensor.is_neg(),
+        tensor.is_conj(),
+    )
+
+
+def _python_check(tensors: Sequence[Tensor]) -> TensorCheck:
+    expected = [_metadata(t) for t in tensors]
+    return lambda current: [_metadata(t) for t in current] == expected
+
+
+def _guards_work() -> bool:
+    """Whether ``TensorGuards`` exists and tells the changes the adapter relies on."""
+    if not callable(_TENSOR_GUARDS):
+        return False
+    try:
+        base = torch.zeros(2, 3)
+        check = _guards_for([base])
+        changed = [base.t(), base[:1], base.double(), base.requires_grad_(False).view(3, 2)]
+        return check([base]) and not any(check([t]) for t in changed)
+    except Exception:  # any change of the private API: use the Python check
+        return False
+
+
+def tensor_check(tensors: Sequence[Tensor]) -> TensorCheck:
+    """A check that tensors (in the same order) have ``tensors``' metadata now.
+
+    The metadata: type, dtype, device, shape, strides and ``requires_grad``; storage and
+    offset are the caller's (data pointers). Uses Dynamo's C++ tensor guards (tens of
+    nanoseconds per tensor). Fallback: the same comparison in Python.
     """
-    storage = tensor.untyped_storage()
-    address = storage._cdata if available("storage_use_count") else id(storage)
-    return address, storage.data_ptr(), storage.nbytes()
-
-
-def storage_use_count(storage: torch.UntypedStorage) -> int | None:
-    """How many tensors and storages share ``storage`` (``None``: not readable here)."""
-    if _USE_COUNT is None or not available("storage_use_count"):
-        return None
-    return int(_USE_COUNT(storage._cdata))
+    if available("tensor_guards"):
+        return _guards_for(tensors)
+    return _python_check(tensors)
 
 
 def foreach_copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
@@ -174,6 +234,40 @@ def standalone_compile(fn: Kernel, examples: tuple[Tensor, ...]) -> Kernel:
         dynamic_shapes="from_graph",
         options={"config_patches": {"emulate_precision_casts": True}},
     )
+
+
+def compile_lock() -> contextlib.AbstractContextManager[object]:
+    """Dynamo's compile lock, which ``torch.compile`` holds while it compiles a frame.
+
+    A kernel build holds it, so a ``torch.compile`` in another thread never compiles at the
+    same time (torch's compilers share process-wide state). Imports Dynamo: call it on the
+    kernels' build thread. Fallback: no lock.
+    """
+    if not available("compile_lock"):
+        return contextlib.nullcontext()
+    lock: contextlib.AbstractContextManager[object] = sys.modules[
+        "torch._dynamo.convert_frame"
+    ].compile_lock
+    return lock
+
+
+def compile_count() -> int | None:
+    """How many compiles Dynamo has counted in this process, without importing anything.
+
+    The sum of Dynamo's counters (frames, graphs, AOTAutograd and Inductor compiles; none
+    moves unless something is compiled: ``optimizer.step()`` imports Dynamo without counting,
+    and ``torch._dynamo.reset()`` keeps the counts). 0 while Dynamo is not imported.
+    Fallback (``dynamo_counters`` off): ``None`` once Dynamo is imported (unknown).
+    """
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    if "torch._dynamo.utils" not in sys.modules or not available("dynamo_counters"):
+        return None
+    counters = sys.modules["torch._dynamo.utils"].counters
+    try:
+        return sum(sum(counts.values()) for counts in list(counters.values()))
+    except (AttributeError, TypeError, RuntimeError):  # another layout, or changed while read
+        return None
 
 
 def dynamo_compile(fn: Kernel, examples: tuple[Tensor, ...]) -> Kernel:

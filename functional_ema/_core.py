@@ -12,21 +12,27 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, is_inexact
-from functional_ema._decay import averaging_weight, check_decay, weight_as
+from functional_ema._arith import is_inexact
+from functional_ema._decay import averaging_weight, check_decay, unread_in_range, weight_as
 from functional_ema._dtensor import localize, rewrap
-from functional_ema._engine import build_plan, fast_path_ok
+from functional_ema._engine import average_leaf_where, build_plan, fast_path_ok
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
 
 
 class WeightCache:
-    """The averaging weight of one call, cast once per leaf dtype."""
+    """The averaging weight of one call, cast once per leaf dtype.
 
-    def __init__(self, decay: Decay) -> None:
+    ``valid``: the call's device-side range check (:func:`_decay.unread_in_range`), a 0-dim
+    bool not read on the host, or ``None`` when the host checked every value. Where it is
+    false the update leaves the averages unchanged and counts as a skipped update.
+    """
+
+    def __init__(self, decay: Decay, valid: Tensor | None = None) -> None:
         self._weight = averaging_weight(decay)
         self._by_dtype: dict[torch.dtype, float | Tensor] = {}
+        self.valid = valid
 
     def __call__(self, dtype: torch.dtype) -> float | Tensor:
         if dtype not in self._by_dtype:
@@ -76,6 +82,7 @@ def _ema_update(
     api: str, shadow: T, params: T, decay: Decay, *, inplace: bool, nonfinite: NonFinite
 ) -> T:
     decay = check_decay(api, decay)
+    valid = unread_in_range(decay)
     check_policy(api, nonfinite)
     shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
     # DTensor pairs update their local shards: shard-local, no collective.
@@ -85,15 +92,15 @@ def _ema_update(
     if nonfinite == "raise":
         raise_if_nonfinite(api, shadow, shadow_leaves, params_leaves, "params")
     mask = nonfinite == "skip"
-    weights = WeightCache(decay)
+    weights = WeightCache(decay, valid)
     if inplace and fast_path_ok(*shadow_leaves, *params_leaves):
         build_plan(*split_by_kind(list(zip(shadow_leaves, params_leaves, strict=True)))).run(
-            weights, mask=mask
+            weights, mask=mask, valid=valid
         )
         return shadow
     flags: list[Tensor] | None = [] if mask else None
     new = [
-        average_leaf(s, p, weights(s.dtype), inplace=inplace, finite_flags=flags)
+        average_leaf_where(valid, s, p, weights(s.dtype), inplace=inplace, finite_flags=flags)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
     return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(templates, new)))
@@ -121,6 +128,9 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
         decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor (read on
             the device, no host sync). ``1.0`` freezes the average; ``0.0`` gives
             ``shadow - (shadow - params)``, which is ``params`` up to one rounding, as in TF.
+            A number or CPU tensor outside [0, 1] (or NaN) raises; a tensor on an
+            accelerator is checked there instead: out of range, every average keeps its
+            bits (there is no counter here; :func:`update_` counts such updates).
         nonfinite: ``"skip"`` (default): a NaN or Inf in ``params`` leaves that element's
             average unchanged (no host sync); ``"raise"``: a ``ValueError`` naming the leaf,
             before anything is written (reads a flag on the host); ``"propagate"``: average

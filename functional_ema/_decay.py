@@ -1,4 +1,11 @@
-"""Decays and intervals: validation, TF's float32 averaging weight, ``num_updates`` warmup."""
+"""Decays and intervals: validation, TF's float32 averaging weight, ``num_updates`` warmup.
+
+Values are range-checked where reading them is free: Python numbers, and tensors on the CPU
+outside ``torch.compile`` and ``torch.func`` transforms (:func:`_host_readable`). Other
+tensors (on an accelerator, or traced) are not read on the host: :func:`unread_in_range`
+gives a 0-dim bool on their device, and the updates leave the averages unchanged and count
+the update where it is false.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,11 @@ def _float32(value: float) -> float:
 
 
 def _host_readable(tensor: Tensor) -> bool:
-    """Whether reading ``tensor`` on the host costs no device sync and breaks no transform."""
+    """Whether reading ``tensor`` on the host costs no device sync and breaks no transform.
+
+    The one predicate choosing between the host check (raise) and the device check (count):
+    tests replace it to run the accelerator branch on CPU tensors.
+    """
     return (
         tensor.device.type == "cpu"
         and not torch.compiler.is_compiling()
@@ -26,12 +37,26 @@ def _host_readable(tensor: Tensor) -> bool:
     )
 
 
+_DECAY_FIX = (
+    "Pass a decay in [0, 1]: 1.0 freezes the average and 0.0 follows the values; typical "
+    "values are 0.99 to 0.9999."
+)
+
+
 def check_decay(api: str, decay: object, path: str = "decay") -> Decay:
     """Validate ``decay`` and return it as a Python float or a 0-dim floating tensor.
 
-    Python numbers are checked to lie in [0, 1]. Tensor values are not read (that would be a
-    host sync on an accelerator); only their shape and dtype are checked. ``path`` names the
-    argument in messages (e.g. ``'min_decay'`` or ``'decays[1]'``).
+    Python numbers and CPU tensors are checked to lie in [0, 1] (NaN is rejected): reading a
+    CPU tensor costs no device sync. A tensor on an accelerator (or seen through
+    ``torch.compile`` or a ``torch.func`` transform) is not read on the host; only its shape
+    and dtype are checked here, and the state updates check its range on the device
+    (:func:`unread_in_range`: an out-of-range decay leaves the averages unchanged and counts
+    in ``state["nonfinite_updates"]``). ``path`` names the argument in messages (e.g.
+    ``'min_decay'`` or ``'decays[1]'``).
+
+    Raises:
+        ValueError: ``decay`` is not 0-dim, or is a number or CPU tensor outside [0, 1].
+        TypeError: ``decay`` is neither a number nor a floating tensor.
     """
     if isinstance(decay, Tensor):
         if decay.ndim != 0:
@@ -52,6 +77,13 @@ def check_decay(api: str, decay: object, path: str = "decay") -> Decay:
                 describe(decay),
                 "Pass torch.tensor(0.999) or a Python float.",
             )
+        if _host_readable(decay):
+            value = float(decay)
+            if not 0.0 <= value <= 1.0:
+                got = f"a tensor holding {value!r}"
+                raise wrong_value(
+                    api, "decay out of range", path, "a number in [0, 1]", got, _DECAY_FIX
+                )
         return decay
     if isinstance(decay, bool) or not isinstance(decay, int | float):
         raise wrong_type(
@@ -65,15 +97,29 @@ def check_decay(api: str, decay: object, path: str = "decay") -> Decay:
     value = float(decay)
     if not 0.0 <= value <= 1.0:
         raise wrong_value(
-            api,
-            "decay out of range",
-            path,
-            "a number in [0, 1]",
-            repr(value),
-            "Pass a decay in [0, 1]: 1.0 freezes the average and 0.0 follows the values; "
-            "typical values are 0.99 to 0.9999.",
+            api, "decay out of range", path, "a number in [0, 1]", repr(value), _DECAY_FIX
         )
     return value
+
+
+def check_decays_tensor(api: str, decays: Tensor, path: str = "decays") -> None:
+    """Range-check a tensor of several decays where reading it is free (a CPU tensor).
+
+    Each must lie in [0, 1] (NaN is rejected); the message names the first one that does
+    not, as ``decays[i]``. A tensor on an accelerator (or traced) is not read.
+
+    Raises:
+        ValueError: A decay of a CPU tensor outside [0, 1].
+    """
+    if not _host_readable(decays):
+        return
+    outside = ~((decays >= 0) & (decays <= 1))
+    if bool(outside.any()):
+        index = int(outside.nonzero()[0, 0])
+        got = f"a tensor holding {float(decays.reshape(-1)[index])!r}"
+        raise wrong_value(
+            api, "decay out of range", f"{path}[{index}]", "a number in [0, 1]", got, _DECAY_FIX
+        )
 
 
 def averaging_weight(decay: Decay) -> float | Tensor:
@@ -193,7 +239,15 @@ _INTERVAL_FIX = "Pass the number of steps since the last update (1 when you upda
 
 
 def check_interval(api: str, dt: object) -> int | Tensor:
-    """Validate the number of steps an update covers: an int >= 1 or a 0-dim int tensor."""
+    """Validate the number of steps an update covers: an int >= 1 or a 0-dim int tensor.
+
+    Ints and CPU tensors are checked to be >= 1; a tensor on an accelerator (or traced) is
+    not read on the host (see :func:`unread_in_range` and :func:`steps_covered`).
+
+    Raises:
+        ValueError: ``dt`` is not 0-dim, or is an int or CPU tensor below 1.
+        TypeError: ``dt`` is neither an int nor an integer tensor.
+    """
     expected = "an int >= 1 or a 0-dim integer tensor"
     if isinstance(dt, Tensor):
         if dt.is_floating_point() or dt.is_complex() or dt.dtype == torch.bool:
@@ -202,6 +256,9 @@ def check_interval(api: str, dt: object) -> int | Tensor:
             )
         if dt.ndim != 0:
             raise wrong_value(api, "dt not a scalar", "dt", expected, describe(dt), _INTERVAL_FIX)
+        if _host_readable(dt) and int(dt) < 1:
+            got = f"a tensor holding {int(dt)}"
+            raise wrong_value(api, "dt out of range", "dt", "an int >= 1", got, _INTERVAL_FIX)
         return dt
     if isinstance(dt, bool) or not isinstance(dt, int):
         raise wrong_type(api, "dt of the wrong type", "dt", expected, describe(dt), _INTERVAL_FIX)
@@ -210,18 +267,55 @@ def check_interval(api: str, dt: object) -> int | Tensor:
     return dt
 
 
-def resolve_decay(api: str, decay: Decay | Schedule, step: Tensor, dt: int | Tensor) -> Decay:
-    """The decay of an update covering ``(step, step + dt]``.
+def unread_in_range(decay: Decay, dt: int | Tensor = 1) -> Tensor | None:
+    """Whether the values the host did not check are in range, as a 0-dim bool on the device.
+
+    The checks :func:`check_decay` and :func:`check_interval` leave to the device: ``decay``
+    in [0, 1] (NaN is out) and ``dt >= 1``, for tensors that are not host-readable. Computed
+    with device operations only (no host sync). ``None`` when every value was checked on the
+    host (numbers, CPU tensors): nothing is left to check.
+    """
+    flags: list[Tensor] = []
+    if isinstance(decay, Tensor) and not _host_readable(decay):
+        flags.append((decay >= 0) & (decay <= 1))
+    if isinstance(dt, Tensor) and not _host_readable(dt):
+        flags.append(dt >= 1)
+    if not flags:
+        return None
+    if len(flags) == 1:
+        return flags[0]
+    return flags[0] & flags[1].to(flags[0].device)
+
+
+def steps_covered(dt: int | Tensor) -> int | Tensor:
+    """What ``state["step"]`` advances by: ``dt``, or 0 for a ``dt`` found below 1 on the device."""
+    if isinstance(dt, Tensor) and not _host_readable(dt):
+        return torch.where(dt >= 1, dt, torch.zeros_like(dt))
+    return dt
+
+
+def resolve_decay(
+    api: str, decay: Decay | Schedule, step: Tensor, dt: int | Tensor
+) -> tuple[Decay, Tensor | None]:
+    """The decay of an update covering ``(step, step + dt]``, and its device-side range check.
 
     A schedule is called as ``schedule(step + dt, dt)``; a constant decay is raised to the
     power ``dt`` when ``dt != 1`` (so it keeps its per-step meaning), and passed through
-    untouched when ``dt == 1`` (TF's exact value).
+    untouched when ``dt == 1`` (TF's exact value). The decay (a schedule's result included)
+    and ``dt`` are range-checked on the host where that is free (:func:`check_decay`,
+    :func:`check_interval`); the second result is :func:`unread_in_range` of the rest.
+
+    Raises:
+        ValueError: A number or CPU tensor out of range (the decay a schedule returned too).
+        TypeError: A decay (or a schedule's result) of the wrong type.
     """
     if callable(decay) and not isinstance(decay, Tensor):
-        return check_decay(
+        value = check_decay(
             f"{api} (schedule)", decay(step + dt, torch.as_tensor(dt, device=step.device))
         )
+        return value, unread_in_range(value, dt)
     decay = check_decay(api, decay)
+    valid = unread_in_range(decay, dt)
     if isinstance(dt, int) and dt == 1:
-        return decay
-    return torch.as_tensor(decay, dtype=torch.float64, device=step.device) ** dt
+        return decay, valid
+    return torch.as_tensor(decay, dtype=torch.float64, device=step.device) ** dt, valid

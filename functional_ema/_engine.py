@@ -14,6 +14,10 @@ place:
 
 Plans are built once per validated pairing of tensors and can be re-run (the adapter caches
 its plan while the model's tensors stay the same).
+
+Every path takes an optional 0-dim bool ``valid`` on the device (the update's decay and
+``dt`` were in range, checked there because the host could not read them): where it is
+false, the averages keep every bit, with no host sync.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, ema_step, keep_finite
+from functional_ema._arith import average_leaf, ema_step, is_inexact, keep_finite
 from functional_ema._compat import foreach_copy_, is_functorch_wrapped
 from functional_ema._kernels import ROW, compiled
 
@@ -43,12 +47,26 @@ GATHER_BELOW = 1 << 16
 copied into a gather buffer (one multi-tensor copy per group) and updated there as one
 region; larger ones are updated where they are, each by its own kernel call."""
 
-COMPILE_FROM = 1 << 10
-"""Regions of at least this many elements use the compiled kernel (when available); below
-it the few eager operations cost less than a kernel call."""
+COMPILE_FROM = 1 << 16
+"""Regions of at least this many elements use the compiled kernel (once built); smaller ones
+never start a build. Per call the kernel wins from about 1k elements (2 idle CPU cores,
+float32, best of 9: 4096 elements take 8 us eager and 6 us compiled, 23 vs 7 us with
+``nonfinite="skip"``; 25M elements 6.6 vs 4.1 ms, 22 vs 4.1 ms), but a build costs seconds
+of CPU (and runs beside the program, see ``_kernels``): below 65536 elements the eager
+path costs at most 0.13 ms per update, so the kernel would save too little to pay that back."""
 
 
 _local = threading.local()
+
+_ALWAYS: dict[torch.device, Tensor] = {}
+
+
+def _always(device: torch.device) -> Tensor:
+    """A 0-dim ``True`` on ``device`` (the kernels' ``valid`` for a host-checked update)."""
+    flag = _ALWAYS.get(device)
+    if flag is None:
+        flag = _ALWAYS[device] = torch.ones((), dtype=torch.bool, device=device)
+    return flag
 
 
 def fast_path_ok(*tensors: Tensor) -> bool:
@@ -100,7 +118,8 @@ def update_bank_leaf_(
     if kernel is None:
         return None
     size = shadow.shape[0]
-    out = kernel(shadow.view(size, -1), value.view(1, -1), weight.reshape(size, 1))
+    valid = _always(shadow.device)
+    out = kernel(shadow.view(size, -1), value.view(1, -1), weight.reshape(size, 1), valid)
     return out if mask else []
 
 
@@ -117,13 +136,19 @@ def scratch(dtype: torch.dtype, device: torch.device, numel: int, slot: str = "t
 
 
 def _eager_region_(
-    shadow: Tensor, value: Tensor, weight: float | Tensor, *, mask: bool
+    shadow: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    mask: bool,
+    valid: Tensor | None = None,
 ) -> Tensor | None:
     """A region in place without the kernel: cache-sized chunks through a scratch buffer.
 
     The TF step and the masking of ``_arith``, written into per-thread scratch buffers: no
     allocation per update, no full-size temporary. With ``mask``, returns the 0-dim "all
-    finite" flag.
+    finite" flag. With ``valid`` (0-dim bool on the device), each chunk's result is selected
+    against its old bits (one chunk-sized temporary), so a false ``valid`` keeps them all.
     """
     numel = shadow.numel()
     chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
@@ -138,8 +163,34 @@ def _eager_region_(
             ok = scratch(torch.bool, shadow.device, stop - start, slot="finite")
             v, finite = keep_finite(s, v, scratch=t, finite=ok)
             torch.all(finite, out=flags[index])
-        ema_step(s, v, weight, inplace=True, scratch=t)
+        if valid is None:
+            ema_step(s, v, weight, inplace=True, scratch=t)
+        else:
+            torch.where(valid, ema_step(s, v, weight, inplace=False, scratch=t), s, out=s)
     return None if flags is None else flags.all()
+
+
+def average_leaf_where(
+    valid: Tensor | None,
+    shadow: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    finite_flags: list[Tensor] | None = None,
+) -> Tensor:
+    """:func:`_arith.average_leaf`, keeping a floating ``shadow``'s bits where ``valid`` is false.
+
+    ``valid`` is a 0-dim bool (on the device: not read here); ``None`` is ``average_leaf``.
+    The new average is computed out of place and selected (``torch.where``), so the kept
+    bits are exact whatever the values (NaN, Inf, a negative zero). Integer leaves are copied
+    either way, as a skipped non-finite update copies them.
+    """
+    if valid is None or not is_inexact(shadow):
+        return average_leaf(shadow, value, weight, inplace=inplace, finite_flags=finite_flags)
+    new = average_leaf(shadow, value, weight, inplace=False, finite_flags=finite_flags)
+    kept = torch.where(valid.to(shadow.device), new, shadow)
+    return shadow.copy_(kept) if inplace else kept
 
 
 # --- layouts ---------------------------------------------------------------------------
@@ -213,21 +264,27 @@ class _Region:
     def __post_init__(self) -> None:
         self.blocks = _rows(self.shadow, self.value)
 
-    def run(self, weight: float | Tensor, *, mask: bool) -> list[Tensor]:
-        """Update in place; the "all finite" flags with ``mask``."""
+    def run(
+        self, weight: float | Tensor, *, mask: bool, valid: Tensor | None = None
+    ) -> list[Tensor]:
+        """Update in place; the "all finite" flags with ``mask``.
+
+        ``valid``: a 0-dim bool on the region's device; where false, nothing changes.
+        """
         shadow, value = self.shadow, self.value
         kernel = None
         if shadow.numel() >= COMPILE_FROM:
             kernel = compiled.kernel(shadow, value, mask=mask)
         if kernel is None:
-            flag = _eager_region_(shadow, value, weight, mask=mask)
+            flag = _eager_region_(shadow, value, weight, mask=mask, valid=valid)
             return [] if flag is None else [flag]
         w = weight
         if not isinstance(w, Tensor) or w.dtype != shadow.dtype or w.device != shadow.device:
             w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
+        ok = _always(shadow.device) if valid is None else valid
         flags: list[Tensor] = []
         for shadow_rows, value_rows in self.blocks:
-            out = kernel(shadow_rows, value_rows, w)
+            out = kernel(shadow_rows, value_rows, w, ok)
             if mask:
                 flags.extend(out)
         return flags
@@ -254,10 +311,12 @@ class _Gather:
     def shadow(self) -> Tensor:
         return self.region.shadow
 
-    def run(self, weight: float | Tensor, *, mask: bool) -> list[Tensor]:
+    def run(
+        self, weight: float | Tensor, *, mask: bool, valid: Tensor | None = None
+    ) -> list[Tensor]:
         """Copy the values in, then update the region."""
         foreach_copy_(self.targets, self.values)
-        return self.region.run(weight, mask=mask)
+        return self.region.run(weight, mask=mask, valid=valid)
 
 
 @dataclass
@@ -289,23 +348,36 @@ class Plan:
         )
 
     def run(
-        self, weight_for: Callable[[torch.dtype], float | Tensor], *, mask: bool = False
+        self,
+        weight_for: Callable[[torch.dtype], float | Tensor],
+        *,
+        mask: bool = False,
+        valid: Tensor | None = None,
     ) -> list[Tensor]:
         """Apply the update with ``weight_for(dtype)``, TF's weight cast to ``dtype``.
 
         With ``mask``, non-finite values leave their averages unchanged; returns the 0-dim
-        "all finite" flags of the averaged groups (device tensors, not read here).
+        "all finite" flags of the averaged groups (device tensors, not read here). With
+        ``valid`` (a 0-dim bool, read on the device only), every average keeps its bits
+        where it is false; integer leaves and copied buffers are copied either way.
         """
         flags: list[Tensor] = []
         weights: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        gates: dict[torch.device, Tensor] = {}
         parts: list[_Region | _Gather] = [*self.regions, *self.gathers]
         for part in parts:
             key = (part.shadow.dtype, part.shadow.device)
             if key not in weights:  # one 0-dim weight per dtype and device, for every part
                 weights[key] = self._weight(weight_for(key[0]), key)
-            flags.extend(part.run(weights[key], mask=mask))
+            gate = None
+            if valid is not None:
+                gate = gates.get(key[1])
+                if gate is None:
+                    gate = gates[key[1]] = valid.to(key[1])
+            flags.extend(part.run(weights[key], mask=mask, valid=gate))
         for shadow, value in self.leaves:
-            average_leaf(
+            average_leaf_where(
+                valid,
                 shadow,
                 value,
                 weight_for(shadow.dtype),

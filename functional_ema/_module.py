@@ -13,7 +13,6 @@ from functional_ema._dtensor import dtensor_type
 from functional_ema._engine import pack
 from functional_ema._errors import describe, prefix_hint, short_list, wrong_type, wrong_value
 from functional_ema._fsdp import APPLY_FIX, APPLY_WHY, check_sharded, reject_fsdp, reject_fsdp1
-from functional_ema._storage import register_layout
 from functional_ema._types import Buffers, Params
 
 
@@ -220,29 +219,102 @@ def module_with(model: nn.Module, values: dict[str, Tensor]) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
+def _packable(tensor: Tensor) -> bool:
+    """Whether :func:`flatten_parameters_` moves ``tensor`` into the shared buffer.
+
+    Only plain, non-empty, contiguous (in the default memory format) strided parameters are
+    moved; the others keep their storage and strides.
+    """
+    return (
+        type(tensor.data) is Tensor
+        and tensor.layout == torch.strided
+        and tensor.numel() > 0
+        and tensor.is_contiguous()
+    )
+
+
+def _check_no_overlap(api: str, module: nn.Module, moved: set[int]) -> None:
+    """Refuse to move a parameter whose memory another parameter or buffer also views.
+
+    ``moved`` holds the ``id`` of the parameters about to be moved: moving one would split it
+    from the tensor it shares memory with.
+    """
+    spans: list[tuple[str, int, int, str, bool]] = []  # device, first byte, end, name, moved
+    seen: set[int] = set()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if id(tensor) in seen or tensor.layout != torch.strided or tensor.device.type == "meta":
+            continue
+        seen.add(id(tensor))
+        if not tensor.numel() or type(tensor.data) is not Tensor:
+            continue
+        start = tensor.data_ptr()
+        last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))
+        end = start + (last + 1) * tensor.element_size()
+        spans.append((str(tensor.device), start, end, name, id(tensor) in moved))
+    spans.sort()
+    clusters: list[list[tuple[str, int, int, str, bool]]] = []
+    device, reach = "", -1
+    for span in spans:  # runs of spans that overlap one another
+        if span[0] == device and span[1] < reach:
+            clusters[-1].append(span)
+        else:
+            clusters.append([span])
+            device = span[0]
+        reach = span[2] if len(clusters[-1]) == 1 else max(reach, span[2])
+    for cluster in clusters:
+        for _, start, end, name, is_moved in cluster if len(cluster) > 1 else ():
+            others = [s[3] for s in cluster if s[3] != name and s[1] < end and start < s[2]]
+            if is_moved and others:
+                raise wrong_value(
+                    api,
+                    "parameter sharing memory",
+                    name,
+                    "parameters that share no memory with another parameter or buffer",
+                    f"memory shared with {others[0]!r}",
+                    "Flattening would copy it apart from that tensor. Make them one parameter "
+                    "(tie weights by assignment, `decoder.weight = encoder.weight`) or separate "
+                    "tensors, or do not flatten this model.",
+                )
+
+
 @torch.no_grad()
 def flatten_parameters_(module: nn.Module) -> nn.Module:
-    """Make the module's parameters (and buffers) views of one buffer per (device, dtype).
+    """Make the module's parameters views of one buffer per (device, dtype).
 
-    The tensors keep their identity, names, values and ``requires_grad``; only their storage
-    moves. Trainable parameters are laid out in the order the EMA visits them (sorted by
-    name, optree's dict order), followed by the frozen parameters and the buffers (sorted by
-    name together, as the EMA copies them), so an EMA of the module updates each
-    (device, dtype) group as one region: one kernel instead of one per tensor, at the
-    memory-bandwidth limit, and one copy for the buffers.
+    The parameters keep their identity, names, values, strides and ``requires_grad``; only
+    their storage moves. Trainable parameters are laid out in the order the EMA visits them
+    (sorted by name, optree's dict order), followed by the frozen parameters (sorted by
+    name), so an EMA of the module updates each (device, dtype) group as one region: one
+    kernel instead of one per tensor, at the memory-bandwidth limit.
+
+    Left where they are:
+
+    - **Buffers.** Modules resize or reassign them (quantization observers ``resize_`` their
+      empty ``min_val`` / ``max_val``; a counter may be ``self.calls = self.calls + 1``),
+      which a view of a shared buffer cannot take: it would grow into its neighbours. The
+      EMA copies buffers where they are.
+    - **Empty parameters**: nothing to lay out, and a view would ``resize_`` into its
+      neighbours.
+    - **Parameters that are not contiguous**: ``channels_last`` weights (kernels larger than
+      1x1) or any other strides keep their storage and memory format. Such a trainable
+      parameter splits its group's region in two; the EMA still updates it in place.
+    - Parameters that are tensor subclasses or sparse.
 
     Call it once, after moving the model to its device and dtype and **before creating the
     optimizer**. Safe with ordinary training, gradient clipping, ``state_dict`` /
-    ``load_state_dict`` (which copy in place) and DDP wrapped afterwards. Undone by anything
-    that replaces parameter storage: ``model.to(...)``, ``.half()``, ``.cuda()`` (call it again
-    afterwards), ``p.data = ...``, FSDP (which manages parameter storage itself), and
-    parametrizations or weight norm added later. Nothing breaks if the layout is undone: the
-    EMA notices it (each buffer's reference count drops; it watches the buffer, not each
-    tensor) and takes its per-tensor path. The count cannot tell which tensors hold the
-    references, so it misses a flattened tensor pointed at another part of the same buffer
-    (``p.data = q.data``: tie weights before flattening, by assignment,
-    ``decoder.weight = encoder.weight``) and a tensor moved out while a new view of the
-    buffer is kept, between two updates.
+    ``load_state_dict`` of the whole model (which copy in place) and DDP wrapped afterwards.
+    Undone by anything that replaces parameter storage: ``model.to(...)``, ``.half()``,
+    ``.cuda()`` (call it again afterwards), ``p.data = ...``, FSDP (which manages parameter
+    storage itself). Nothing breaks then: the EMA checks every tensor's storage, offset,
+    shape, strides, dtype and device at each update and takes its per-tensor path where the
+    layout is gone. (A parametrization or weight norm added later renames the parameter: an
+    EMA made before refuses to update, naming it.)
+
+    Saving a submodule: its ``state_dict()`` holds views of the shared buffer, and
+    ``torch.save`` writes a view's whole storage, so ``torch.save(model.encoder.state_dict())``
+    writes every parameter of the model. Clone first,
+    ``torch.save({k: v.clone() for k, v in sub.state_dict().items()}, path)``, or save the
+    whole model's ``state_dict()`` (its parameters share the one storage, written once).
 
     Args:
         module: The model (not a DDP or ``torch.compile`` wrapper).
@@ -251,7 +323,9 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         ``module`` itself.
 
     Raises:
-        ValueError: For a wrapper, an uninitialized lazy module or an FSDP2 model.
+        ValueError: For a wrapper, an uninitialized lazy module, an FSDP2 model, or a
+            parameter whose memory another parameter or buffer also views (moving it would
+            split them); nothing is moved then.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -273,18 +347,16 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
     )
     check_materialised(api, module, "before flattening")
     named = sorted(module.named_parameters(), key=lambda item: item[0])
-    trainable = [p for _, p in named if p.requires_grad]
-    # The EMA copies frozen parameters with the buffers, in one tree sorted by name: laid out
-    # in that order they are one region too, copied with one operation.
-    held = sorted(
-        [(name, p) for name, p in named if not p.requires_grad] + list(module.named_buffers()),
-        key=lambda item: item[0],
-    )
-    ordered = trainable + [t for _, t in held]
-    views = pack(ordered)
-    for tensor, view in zip(ordered, views, strict=True):
-        tensor.data = view
-    register_layout(module, views)
+    # Trainable parameters first (the region the EMA averages), then the frozen ones.
+    ordered = [p for _, p in named if p.requires_grad] + [
+        p for _, p in named if not p.requires_grad
+    ]
+    moved = [p for p in ordered if _packable(p)]
+    _check_no_overlap(api, module, {id(p) for p in moved})
+    for tensor, view in zip(moved, pack(moved), strict=True):
+        # Same strides as before: a contiguous tensor may have any stride on a size-1 dim
+        # (a 1x1 channels_last kernel), and its elements sit in the same order either way.
+        tensor.data = view.as_strided(tensor.shape, tensor.stride(), view.storage_offset())
     return module
 
 
@@ -328,7 +400,8 @@ def full_state_dict(
         params: The averages keyed by module names (e.g. :func:`average` of the state, or
             ``ema.state()["params"]``); DTensors or plain tensors.
         buffers: The held buffers and frozen parameters (``state["buffers"]``); ``None``
-            takes the model's own (gathered where sharded).
+            takes the model's own (gathered where sharded), and so do frozen parameters
+            missing from it (an ``EMA`` holds none).
         rank: The rank that keeps the result; ``None`` keeps it on every rank.
 
     Returns:
@@ -347,8 +420,13 @@ def full_state_dict(
     """
     api = "full_state_dict"
     check_unwrapped(api, model, "model")
+    own = module_state(model)[1]
     if buffers is None:
-        buffers = module_state(model)[1]
+        buffers = own
+    else:  # frozen parameters the caller does not hold (an EMA's): the model's own
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        kept = {n: own[n] for n in frozen if n not in params and n not in buffers}
+        buffers = {**kept, **buffers} if isinstance(buffers, dict) else buffers
     check_keys(api, model, params, buffers)
     values = {**params, **buffers}
     keep = rank is None or not (

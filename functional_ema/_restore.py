@@ -94,6 +94,11 @@ def tensor_problem(name: str, got: Any, expected: Tensor, *, device: bool = True
     """The :class:`Problem` of ``got`` where ``expected`` is wanted, or ``None``."""
     if not isinstance(got, Tensor):
         return Problem(f"mismatch at {name!r}: expected a tensor, got {describe(got)}", True)
+    if got.layout != expected.layout:
+        return Problem(
+            f"mismatch at {name!r}: expected a {expected.layout} tensor, got a {got.layout} one",
+            True,
+        )
     show_device = device and got.device != expected.device
     if got.shape != expected.shape or got.dtype != expected.dtype or show_device:
         text = (

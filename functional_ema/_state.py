@@ -12,7 +12,13 @@ from functional_ema._arith import is_inexact
 from functional_ema._compat import is_functorch_wrapped
 from functional_ema._dtensor import local_tensor, pack
 from functional_ema._errors import describe, short_list, wrong_type, wrong_value
-from functional_ema._tree import check_floating_dtype, check_pair, check_tensor_leaves, leaf_paths
+from functional_ema._tree import (
+    check_dense_leaves,
+    check_floating_dtype,
+    check_pair,
+    check_tensor_leaves,
+    leaf_paths,
+)
 from functional_ema._types import TensorTree
 
 
@@ -114,8 +120,10 @@ def init(
     """
     api = "init"
     leaves, _ = check_tensor_leaves(api, params, "params")
+    check_dense_leaves(api, params, "params")
     if buffers is not None:
         check_tensor_leaves(api, buffers, "buffers")
+        check_dense_leaves(api, buffers, "buffers")
     check_floating_dtype(api, dtype)
     shadow = _copy_tree(params, dtype)
     biased = local_step = None

@@ -1,9 +1,10 @@
 """Swapping values into a live model for a ``with`` block, and guarding it meanwhile.
 
 The one implementation behind :func:`swapped` and ``EMA.swap``: every check before the first
-write, values copied in place (local shards of sharded parameters, no communication), the
-live values restored bit for bit on exit, and ``state_dict`` / ``load_state_dict`` of the
-live model refused while it holds the averages.
+write, values copied in place (local shards of sharded parameters, no communication), on
+exit every module's parameter and buffer slots given back the objects they held (a forward
+may reassign or resize a buffer) and the live values restored bit for bit, and
+``state_dict`` / ``load_state_dict`` of the live model refused while it holds the averages.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from functional_ema._dtensor import localize
 from functional_ema._errors import message
@@ -118,8 +119,11 @@ def swapped(
     The functional twin of :meth:`EMA.swap`, and the way to evaluate averages on an FSDP2
     model, where :func:`apply` (``torch.func.functional_call``) cannot work: values are copied
     in place into the local shards of the sharded parameters (no communication), and the
-    live values are restored bit for bit on exit, also when the body raises. FSDP2 modules
-    are resharded on entry and on exit (frees gathered copies, communicates nothing), so the
+    live model is restored on exit, also when the body raises: every module's parameter and
+    buffer slots hold the objects they held on entry (a forward that reassigns a buffer,
+    ``self.calls = self.calls + 1``, adds, deletes or resizes one is undone), with their
+    entry shapes, strides and storage, and their values bit for bit. FSDP2 modules are
+    resharded on entry and on exit (frees gathered copies, communicates nothing), so the
     block's forward gathers the averages and no gathered average outlives the block. Inside
     the block the model's ``state_dict()`` and ``load_state_dict()`` raise, as in
     :meth:`EMA.swap`. Works for plain models as well.
@@ -155,11 +159,85 @@ def swapped(
         yield model
 
 
+class _Slots:
+    """The objects in every module's parameter and buffer slots, to put back later.
+
+    A forward may replace what a slot holds (``self.calls = self.calls + 1`` puts a new
+    tensor in ``_buffers['calls']``), add or delete entries, or change a tensor's shape,
+    strides or storage in place (``self.min_val.resize_(...)``, ``p.data = ...``).
+    :meth:`restore` undoes all of it: the same objects in the same slots, each with the
+    storage, offset, shape, strides, dtype and device it had.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
+            for m in model.modules()
+        ]
+        tensors: dict[int, Tensor] = {}
+        for _, params, buffers, _ in self.modules:
+            for tensor in [*params.values(), *buffers.values()]:
+                if tensor is not None:
+                    tensors.setdefault(id(tensor), tensor)
+        # Detached aliases of the plain tensors: the same storage, with today's metadata.
+        # (Tensor subclasses such as FSDP2's DTensors get their slots back, no more.)
+        self.tensors = [(t, t.detach()) for t in tensors.values() if type(t.data) is Tensor]
+
+    def restore(self) -> None:
+        """Put every recorded object back in its slot, with its recorded layout."""
+        for module, params, buffers, non_persistent in self.modules:
+            _put_back(module._parameters, params)
+            _put_back(module._buffers, buffers)
+            if module._non_persistent_buffers_set != non_persistent:
+                module._non_persistent_buffers_set.clear()
+                module._non_persistent_buffers_set.update(non_persistent)
+        with torch.no_grad():
+            for tensor, alias in self.tensors:
+                if not _same_layout(tensor, alias):
+                    tensor.data = alias
+
+
+def _put_back(slots: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Make ``slots`` hold exactly ``saved``'s entries (same objects, same order)."""
+    if slots.keys() != saved.keys() or any(slots[k] is not v for k, v in saved.items()):
+        slots.clear()
+        slots.update(saved)
+
+
+def _same_layout(tensor: Tensor, alias: Tensor) -> bool:
+    """Whether ``tensor`` still has ``alias``'s storage, offset, shape, strides and dtype."""
+    return (
+        type(tensor.data) is Tensor
+        and tensor.dtype == alias.dtype
+        and tensor.device == alias.device
+        and tensor.shape == alias.shape
+        and tensor.stride() == alias.stride()
+        and tensor.storage_offset() == alias.storage_offset()
+        and tensor.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
+    )
+
+
+def _same_tensor(target: Tensor, value: Tensor) -> bool:
+    """Whether ``value`` views exactly ``target``'s elements (same memory, layout and dtype)."""
+    return (
+        target.data_ptr() == value.data_ptr()
+        and target.dtype == value.dtype
+        and target.device == value.device
+        and target.shape == value.shape
+        and target.stride() == value.stride()
+    )
+
+
 @contextmanager
 def swap_in(
     api: str, model: nn.Module, params: Params, buffers: Buffers | None = None
 ) -> Iterator[nn.Module]:
-    """:func:`swapped`, with errors and the state_dict guard naming ``api``."""
+    """:func:`swapped`, with errors and the state_dict guard naming ``api``.
+
+    On exit (also when the body raises) every module's parameter and buffer slots hold the
+    objects they held on entry, each with its entry layout (:class:`_Slots`), and then the
+    live values are copied back bit for bit.
+    """
     check_unwrapped(api, model, "model")
     reshard(model)
     live_params, live_buffers = module_state(model)
@@ -173,8 +251,12 @@ def swap_in(
     live = {name: everything[name] for name in given}
     targets, values, _ = check_pair(api, live, given, ("model", "params"))
     targets, values, _ = localize(api, live, targets, values, ("model", "params"))
+    # A value that is the live tensor itself (a frozen parameter) needs no swap, no backup.
+    pairs = [(t, v) for t, v in zip(targets, values, strict=True) if not _same_tensor(t, v)]
+    targets, values = [t for t, _ in pairs], [v for _, v in pairs]
     with torch.no_grad():
         backup = [t.clone() for t in targets]
+    slots = _Slots(model)
     guard = SwapGuard(model, api)
     try:
         with torch.no_grad():
@@ -182,8 +264,11 @@ def swap_in(
                 target.copy_(value)
         yield model
     finally:
-        with torch.no_grad():
-            for target, value in zip(targets, backup, strict=True):
-                target.copy_(value)
-        reshard(model)
-        guard.remove()
+        try:
+            reshard(model)
+            slots.restore()
+            with torch.no_grad():
+                for target, value in zip(targets, backup, strict=True):
+                    target.copy_(value)
+        finally:
+            guard.remove()

@@ -48,6 +48,36 @@ def check_tensor_leaves(api: str, tree: Any, name: str) -> tuple[list[Tensor], P
     return leaves, spec
 
 
+def check_dense_leaves(api: str, tree: Any, name: str, *, meta: bool = True) -> None:
+    """Reject sparse (or other non-strided) leaves, and meta ones unless ``meta``.
+
+    Meta tensors (no data) make sense for shape tracing of the functional API, not for an
+    EMA of a live model.
+    """
+    leaves = optree.tree_leaves(tree)
+    for index, leaf in enumerate(leaves):
+        if leaf.layout != torch.strided:
+            raise wrong_type(
+                api,
+                f"{leaf.layout} tensor in `{name}`",
+                leaf_paths(tree)[index],
+                "a dense (strided) tensor",
+                describe(leaf),
+                "Averages are dense: keep the parameter dense (e.g. nn.Embedding(sparse=False) "
+                "keeps dense weights; only its gradients are sparse), or call .to_dense().",
+            )
+        if not meta and leaf.device.type == "meta":
+            raise wrong_value(
+                api,
+                "meta tensor (no data)",
+                leaf_paths(tree)[index],
+                "a tensor with data",
+                f"{describe(leaf)} on the meta device",
+                "Materialise the model first: model.to_empty(device=...) and load its weights, "
+                "then create the EMA.",
+            )
+
+
 def _structure_error(api: str, first: Any, second: Any, names: tuple[str, str]) -> ValueError:
     first_paths, second_paths = set(leaf_paths(first)), set(leaf_paths(second))
     missing, extra = first_paths - second_paths, second_paths - first_paths

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from functional_ema._arith import average_leaf, copy_leaf, is_inexact
 from functional_ema._core import WeightCache, check_policy, raise_if_nonfinite, split_by_kind
-from functional_ema._decay import check_interval, resolve_decay
+from functional_ema._decay import check_interval, resolve_decay, steps_covered
 from functional_ema._dtensor import local_leaves, localize, rewrap
-from functional_ema._engine import Plan, all_finite, build_plan, fast_path_ok
+from functional_ema._engine import Plan, all_finite, average_leaf_where, build_plan, fast_path_ok
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._state import EmaState, check_state_structure
 from functional_ema._tree import check_pair
@@ -128,25 +128,45 @@ def validate(
 def _check_call(
     bound: Bound, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite
 ) -> tuple[int | Tensor, WeightCache]:
-    """Validate the per-call arguments and the values (``"raise"``), before any write."""
+    """Validate the per-call arguments and the values (``"raise"``), before any write.
+
+    Returns what ``step`` advances by and the call's weights. Numbers and CPU tensors
+    (decay, a schedule's decay, ``dt``) are range-checked here and raise; the rest is
+    checked on the device (``weights.valid``, counted by :func:`_count_nonfinite`), and a
+    ``dt`` found below 1 there advances ``step`` by 0.
+    """
     api = bound.api
     check_policy(api, nonfinite)
     dt = check_interval(api, dt)
-    weights = WeightCache(resolve_decay(api, decay, bound.state["step"], dt))
+    weights = WeightCache(*resolve_decay(api, decay, bound.state["step"], dt))
     if nonfinite == "raise":
         raise_if_nonfinite(api, bound.state["params"], bound.shadow, bound.values, "params")
         if "buffers" in bound.state and bound.buffer_policy == "average":
             state_buffers = bound.state["buffers"]
             raise_if_nonfinite(api, state_buffers, bound.held, bound.current, "buffers")
-    return dt, weights
+    return steps_covered(dt), weights
 
 
-def _count_nonfinite(counter: Tensor, flags: list[Tensor], *, inplace: bool) -> Tensor:
-    """Add 1 to ``counter`` if any "all finite" flag is false, on the device (no sync)."""
+def _count_nonfinite(
+    counter: Tensor, flags: list[Tensor], *, inplace: bool, valid: Tensor | None = None
+) -> Tensor:
+    """Add 1 to ``counter`` if any "all finite" flag is false, on the device (no sync).
+
+    ``valid`` (the call's device-side range check) counts like one more flag: an update
+    whose decay or ``dt`` was out of range counts once, whatever its values.
+    """
+    if valid is not None:
+        flags = [*flags, valid]
     if not flags:
         return counter if inplace else counter.clone()
     seen = ~all_finite(flags).to(counter.device)
     return counter.add_(seen) if inplace else counter + seen
+
+
+def _keep_where(valid: Tensor, new: Tensor, old: Tensor, *, inplace: bool) -> Tensor:
+    """``new`` where ``valid``, else ``old``'s bits (written into ``old`` when ``inplace``)."""
+    kept = torch.where(valid.to(old.device), new, old)
+    return old.copy_(kept) if inplace else kept
 
 
 def _debiased_leaf(
@@ -177,12 +197,39 @@ def _debiased_leaf(
     return (shadow.copy_(debiased) if inplace else debiased), biased, local_step
 
 
+def _debiased_leaf_where(
+    valid: Tensor | None,
+    shadow: Tensor,
+    biased: Tensor,
+    local_step: Tensor,
+    value: Tensor,
+    weight: float | Tensor,
+    *,
+    inplace: bool,
+    finite_flags: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_debiased_leaf`, keeping all three tensors' bits where ``valid`` is false."""
+    if valid is None or not is_inexact(shadow):
+        return _debiased_leaf(
+            shadow, biased, local_step, value, weight, inplace=inplace, finite_flags=finite_flags
+        )
+    new_shadow, new_biased, new_step = _debiased_leaf(
+        shadow, biased, local_step, value, weight, inplace=False, finite_flags=finite_flags
+    )
+    return (
+        _keep_where(valid, new_shadow, shadow, inplace=inplace),
+        _keep_where(valid, new_biased, biased, inplace=inplace),
+        _keep_where(valid, new_step, local_step, inplace=inplace),
+    )
+
+
 def _apply(
     bound: Bound, decay: Decay | Schedule, dt: int | Tensor, nonfinite: NonFinite, *, inplace: bool
 ) -> EmaState:
     """The update leaf by leaf (no engine): pure, or in place where the engine cannot run."""
     state = bound.state
     dt, weights = _check_call(bound, decay, dt, nonfinite)
+    valid = weights.valid
     flags: list[Tensor] | None = [] if nonfinite == "skip" else None
     templates = None if inplace else bound.templates  # pure results are DTensors again
     new: EmaState = {
@@ -192,7 +239,7 @@ def _apply(
     }
     if "biased" not in state:
         new_shadow = [
-            average_leaf(s, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
+            average_leaf_where(valid, s, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
             for s, v in zip(bound.shadow, bound.values, strict=True)
         ]
     else:
@@ -200,7 +247,9 @@ def _apply(
         local_step = optree.tree_leaves(state["local_step"])
         columns = zip(bound.shadow, biased, local_step, bound.values, strict=True)
         results = [
-            _debiased_leaf(s, b, n, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
+            _debiased_leaf_where(
+                valid, s, b, n, v, weights(s.dtype), inplace=inplace, finite_flags=flags
+            )
             for s, b, n, v in columns
         ]
         new_shadow = [r[0] for r in results]
@@ -212,7 +261,7 @@ def _apply(
     if bound.buffer_spec is not None:
         average = bound.buffer_policy == "average"
         new_held = [
-            average_leaf(h, c, weights(h.dtype), inplace=inplace, finite_flags=flags)
+            average_leaf_where(valid, h, c, weights(h.dtype), inplace=inplace, finite_flags=flags)
             if average
             else copy_leaf(h, c, inplace=inplace)
             for h, c in zip(bound.held, bound.current, strict=True)
@@ -222,7 +271,7 @@ def _apply(
             bound.buffer_spec, rewrap(buffer_templates, new_held)
         )
     new["nonfinite_updates"] = _count_nonfinite(
-        state["nonfinite_updates"], flags or [], inplace=inplace
+        state["nonfinite_updates"], flags or [], inplace=inplace, valid=valid
     )
     return state if inplace else new
 
@@ -244,9 +293,9 @@ def apply_(
     dt, weights = _check_call(bound, decay, dt, nonfinite)
     state = bound.state
     with torch.no_grad():
-        flags = plan.run(weights, mask=nonfinite == "skip")
+        flags = plan.run(weights, mask=nonfinite == "skip", valid=weights.valid)
         state["step"].add_(dt)
-        _count_nonfinite(state["nonfinite_updates"], flags, inplace=True)
+        _count_nonfinite(state["nonfinite_updates"], flags, inplace=True, valid=weights.valid)
     return state
 
 
@@ -270,9 +319,14 @@ def update(
     Args:
         state: From :func:`init` or a previous update.
         params: The current values, with the structure of ``state["params"]``.
-        decay: :math:`\beta`: a Python float, a 0-dim floating tensor, or a schedule (e.g.
-            :func:`tf_warmup`, :func:`power`), called as ``schedule(t, dt)`` with
-            ``t = state["step"] + dt``, the step this update reaches.
+        decay: :math:`\beta \in [0, 1]`: a Python float, a 0-dim floating tensor, or a
+            schedule (e.g. :func:`tf_warmup`, :func:`power`), called as ``schedule(t, dt)``
+            with ``t = state["step"] + dt``, the step this update reaches. A number or CPU
+            tensor (a schedule's result included) outside [0, 1], or NaN, raises before
+            anything is written. A tensor on an accelerator is not read on the host (no
+            sync): out of range there, the update leaves every average (and zero-debias
+            accumulator) bit for bit unchanged and counts in
+            ``state["nonfinite_updates"]``, like an update of non-finite values.
         buffers: The current buffers; required exactly when :func:`init` got buffers.
         buffer_policy: ``"copy"`` (default: the averaged model uses the latest buffers, as
             the classic ``EMA`` snippet does) or ``"average"`` (floating buffers are averaged
@@ -280,7 +334,9 @@ def update(
         dt: Steps this update covers (an int >= 1 or a 0-dim integer tensor), for updates
             every ``dt`` steps or after skipped steps: a constant decay is applied as
             :math:`\beta^{dt}` and schedules get ``dt``, so the average's time constant does
-            not depend on how often you update. ``dt=1`` is TF's update, bit for bit.
+            not depend on how often you update. ``dt=1`` is TF's update, bit for bit. An
+            int or CPU tensor below 1 raises; a tensor on an accelerator below 1 is counted
+            as above and ``step`` does not advance.
         nonfinite: ``"skip"`` (default): NaN/Inf values leave their averages unchanged and
             ``state["nonfinite_updates"]`` counts the update, on the device (no host sync);
             ``"raise"``: a ``ValueError`` naming the leaf before anything is written (reads a
@@ -290,8 +346,9 @@ def update(
         The new :class:`EmaState`, differentiable with respect to ``params``.
 
     Raises:
-        ValueError: Mismatched structure, shapes or devices, ``decay``/``dt`` out of range
-            or not 0-dim, or an option (``buffer_policy``, ``nonfinite``) not among its values.
+        ValueError: Mismatched structure, shapes or devices, ``decay``/``dt`` (numbers or
+            CPU tensors) out of range or not 0-dim, or an option (``buffer_policy``,
+            ``nonfinite``) not among its values.
         TypeError: Non-tensor leaves, wrong dtypes, a malformed state, or an argument of the
             wrong type.
 
@@ -319,7 +376,12 @@ def update_(
 ) -> EmaState:
     """In-place twin of :func:`update`: write the new values into ``state``'s tensors.
 
-    Same TF step and bits as :func:`update`; every check runs before the first write.
+    Same TF step and bits as :func:`update`; every check runs before the first write. A
+    decay (or a schedule's result) or ``dt`` given as a number or CPU tensor is range-checked
+    then (``ValueError``, nothing written). One on an accelerator is checked on the device,
+    without a host sync: out of range, the update writes every average's old bits back
+    (``step`` still advances by a valid ``dt``, copied buffers are still copied) and adds 1
+    to ``state["nonfinite_updates"]``, as for non-finite values.
 
     Args:
         state: Modified in place.
@@ -332,6 +394,10 @@ def update_(
 
     Returns:
         ``state`` itself.
+
+    Raises:
+        ValueError: As :func:`update` (a decay or ``dt`` out of range included).
+        TypeError: As :func:`update`.
 
     Example:
         >>> import torch, functional_ema as fe

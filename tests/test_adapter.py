@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -59,10 +60,12 @@ def test_train_routes_to_live_model_eval_to_averages() -> None:
     ema.train()
     assert torch.equal(ema(x), model(x))
     ema.eval()
-    assert not model.training
+    assert model.training  # routing only: the live model's mode is the user's
     before = snapshot(model.state_dict())
     out = ema(x)
+    assert model.training
     state = ema.state()
+    model.eval()
     expected = torch.func.functional_call(
         model, (state["params"], state["buffers"]), (x,), strict=True
     )
@@ -71,13 +74,22 @@ def test_train_routes_to_live_model_eval_to_averages() -> None:
     assert_bits_equal(model.state_dict(), before)
 
 
-def test_update_in_eval_mode_warns_and_skips() -> None:
+def test_update_follows_the_live_model_mode_and_warns_once() -> None:
     model = make_model()
     ema = fe.EMA(model, 0.9)
-    ema.eval()
-    with pytest.warns(UserWarning, match="EMA.update: the EMA is in eval mode; the update was"):
+    model.eval()
+    with pytest.warns(UserWarning, match="EMA.update: the live model is in eval mode") as seen:
         ema.update()
+    assert seen[0].filename == __file__  # the caller's line, not a torch file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.update()  # once per EMA
     assert ema.step.item() == 0
+    # timm's loop: ema.eval() to validate, model.train() each epoch, never ema.train()
+    ema.eval()
+    model.train()
+    ema.update()
+    assert ema.step.item() == 1
 
 
 def test_swap_restores_bit_for_bit_also_on_exception() -> None:
@@ -87,6 +99,7 @@ def test_swap_restores_bit_for_bit_also_on_exception() -> None:
     live = snapshot(model.state_dict())
     x = torch.randn(3, 4)
     ema.eval()
+    model.eval()
     expected = ema(x)
     with ema.swap() as swapped:
         assert swapped is model

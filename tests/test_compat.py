@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from helpers import assert_bits_equal, mlp, train
+from helpers import assert_bits_equal
 from torch import nn
 
 import functional_ema as fe
@@ -55,16 +57,24 @@ def test_without_foreach_copy_the_gather_copies_one_by_one() -> None:
     assert_bits_equal(got, expected)
 
 
-def test_without_storage_counts_the_adapter_keeps_the_bits() -> None:
-    plain = mlp()
-    ema_plain = fe.EMA(plain, 0.9)
-    train(plain, ema_plain, 4)
-    with _compat.forced_off("storage_use_count"):
-        assert _compat.storage_use_count(torch.UntypedStorage(4)) is None
-        model = fe.flatten_parameters_(mlp())
-        ema = fe.EMA(model, 0.9)
-        train(model, ema, 4)
-    assert_bits_equal(ema.state(), ema_plain.state())
+def test_without_tensor_guards_the_python_check_gives_the_same_answers() -> None:
+    base = torch.zeros(4, 4)
+    changed = [
+        base.t(),
+        base[:2],
+        base.double(),
+        base.view(2, 8),
+        torch.zeros(4, 4, requires_grad=True),
+        nn.Parameter(base.clone()),
+        base.clone(),  # same metadata: storage is the caller's check
+    ]
+    answers = [_compat.tensor_check([base])([t]) for t in changed]
+    with _compat.forced_off("tensor_guards"):
+        fallback = [_compat.tensor_check([base])([t]) for t in changed]
+    assert _compat.available("tensor_guards")  # the C++ guards ran above
+    assert fallback[:-2] == answers[:-2] == [False] * 5
+    assert answers[-1] and fallback[-1]
+    assert not fallback[-2]  # the Python check also compares the tensor's type
 
 
 def test_without_fsdp_state_the_gathered_check_defers_to_the_update() -> None:
@@ -77,6 +87,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> _kernels.Compiled:
     """A new kernel cache, compiling on, used by the engine for every region size."""
     kernels = _kernels.Compiled()
     kernels.enabled = True
+    kernels.synchronous = True  # every update waits for its kernel's build
     monkeypatch.setattr(_engine, "compiled", kernels)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
     return kernels
@@ -107,4 +118,26 @@ def test_without_precision_casts_nothing_is_compiled_and_the_bits_hold(
     ):
         got = _scattered_update()
     assert fresh.fallbacks
+    assert_bits_equal(got, expected)
+
+
+def test_without_dynamo_counters_an_imported_compiler_counts_as_in_use() -> None:
+    import torch._dynamo  # noqa: F401  (what an optimizer's first step does)
+
+    assert isinstance(_compat.compile_count(), int)
+    with _compat.forced_off("dynamo_counters"):
+        assert _compat.compile_count() is None
+        assert not _kernels.compiler_idle()  # so updates wait for their kernel's build
+
+
+def test_without_compile_lock_builds_take_no_lock(fresh: _kernels.Compiled) -> None:
+    fresh.enabled = False
+    expected = _scattered_update()
+    fresh.enabled = True
+    with _compat.forced_off("compile_lock"):
+        assert isinstance(_compat.compile_lock(), contextlib.nullcontext)
+        with pytest.MonkeyPatch.context() as patch:  # the kernel's function, not compiled
+            patch.setattr(_kernels, "standalone_compile", lambda fn, examples: fn)
+            got = _scattered_update()
+    assert fresh.built and not fresh.fallbacks
     assert_bits_equal(got, expected)

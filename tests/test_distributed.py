@@ -222,7 +222,7 @@ def _fsdp(rank: int, out: Path) -> dict[str, Any]:
     # The averages are DTensors sharded like the parameters.
     params, buffers = fe.module_state(model)
     held = {**ema.state()["params"], **ema.state()["buffers"]}
-    live = {**params, **buffers}
+    live = {n: t for n, t in {**params, **buffers}.items() if n in held}  # frozen: not held
     result["same_placements"] = all(
         isinstance(held[n], DTensor) == isinstance(t, DTensor)
         and (

@@ -65,10 +65,12 @@ def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(_engine, "ROW", 3)  # full rows and a shorter last row
     monkeypatch.setattr(_engine, "GATHER_BELOW", 4)  # scattered: updated in place or gathered
     monkeypatch.setattr(_engine.compiled, "enabled", True)
+    monkeypatch.setattr(_engine.compiled, "synchronous", True)  # no update runs eager
     for case_name in ("per_step_decay", "num_updates_from_zero"):
         _run_tf_case(dtype_name, case_name, scattered=False)
         _run_tf_case(dtype_name, case_name, scattered=True)
     assert not _kernels.compiled.fallbacks  # it compiled, and did not fall back
+    assert (True, False, "cpu", DTYPES[dtype_name], DTYPES[dtype_name]) in _kernels.compiled.built
 
 
 def _broken(*args: object) -> None:
@@ -79,6 +81,7 @@ def _broken(*args: object) -> None:
 def test_kernel_falls_back_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = _kernels.Compiled()
     fresh.enabled = True
+    fresh.synchronous = True
     built = []
     dynamo = _kernels.dynamo_compile
 
@@ -98,6 +101,7 @@ def test_kernel_falls_back_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> 
 def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = _kernels.Compiled()
     fresh.enabled = True
+    fresh.synchronous = True
     monkeypatch.setattr(_engine, "compiled", fresh)
     monkeypatch.setattr(_kernels, "standalone_compile", _broken)
     monkeypatch.setattr(_kernels, "dynamo_compile", _broken)
@@ -105,6 +109,7 @@ def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.Monkey
     with pytest.warns(RuntimeWarning, match=r"compiling the update kernel .* failed .*unavailable"):
         _run_tf_case("float32", "per_step_decay", scattered=False)
     assert fresh.fallbacks == [(True, False, "cpu", torch.float32, torch.float32)]
+    assert "unavailable" in fresh.failures[fresh.fallbacks[0]]
     assert fresh.enabled  # other kernels are still built
 
 
@@ -112,6 +117,7 @@ def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.Monkey
 def test_compiled_rows_leave_nonfinite_values_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
     monkeypatch.setattr(_engine.compiled, "enabled", True)
+    monkeypatch.setattr(_engine.compiled, "synchronous", True)
     state = fe.init({"w": torch.zeros(300)})  # two rows of 128 and a row of 44
     for position in (5, 200, 290):  # in the first row, the second, the last
         values = torch.ones(300)
@@ -215,22 +221,24 @@ def test_flattened_model_uses_regions_and_keeps_bits() -> None:
     assert len(plan.regions) == 1
     assert not plan.leaves
     assert not plan.gathers
-    # The buffers (BatchNorm's float statistics; its int64 count) are one copy per dtype.
-    assert len(plan.regions_copied) == 2
-    assert not plan.copies[0]
+    # The buffers stay where the model keeps them: copies, one per buffer at most.
+    assert len(plan.copies[0]) + len(plan.regions_copied) == 3
 
 
-def test_flattened_buffers_with_a_frozen_parameter_are_one_copy() -> None:
+def test_frozen_parameters_are_neither_held_nor_copied() -> None:
     model = mlp()
-    model[0].bias.requires_grad_(False)  # copied with the buffers, sorted by name with them
+    model[0].bias.requires_grad_(False)  # TF's var_list: not averaged, not held
     fe.flatten_parameters_(model)
     ema = fe.EMA(model, 0.9)
     train(model, ema, 3)
     plan = ema._validated().plan
     assert plan is not None
-    assert len(plan.regions_copied) == 2 and not plan.copies[0]
-    assert torch.equal(ema.state()["buffers"]["0.bias"], model[0].bias.detach())
+    assert len(plan.regions) == 1 and not plan.gathers and not plan.leaves
+    assert "0.bias" not in {**ema.state()["params"], **ema.state()["buffers"]}
+    assert not any("0.bias" in key for key in ema.state_dict())
+    assert len(plan.copies[0]) + len(plan.regions_copied) == 3  # the BatchNorm buffers only
     assert torch.equal(ema.state()["buffers"]["1.running_mean"], model[1].running_mean)
+    assert ema.shadow[0].bias.data_ptr() == model[0].bias.data_ptr()  # shared, not copied
 
 
 def test_cached_plan_follows_replaced_storage() -> None:
@@ -271,17 +279,17 @@ def test_freezing_later_keeps_the_averaged_set() -> None:
     _ = ema.eval()
     ema(torch.randn(4, 6))  # the averaged model still runs
     frozen = mlp()
-    frozen[0].bias.requires_grad_(False)  # frozen at construction: copied, never averaged
+    frozen[0].bias.requires_grad_(False)  # frozen at construction: never averaged nor held
     ema = fe.EMA(frozen, 0.5)
     frozen[0].bias.requires_grad_(True)
     with torch.no_grad():
         frozen[0].bias.fill_(3.0)
     ema.update()
-    assert "0.bias" not in ema.state()["params"]
-    assert torch.equal(ema.state()["buffers"]["0.bias"], torch.full((16,), 3.0))
+    assert "0.bias" not in {**ema.state()["params"], **ema.state()["buffers"]}
+    assert torch.equal(ema.shadow[0].bias, torch.full((16,), 3.0))  # the live tensor
 
 
-def test_cached_plan_ignores_registrations_in_other_modules() -> None:
+def test_cached_plan_ignores_other_modules() -> None:
     model = mlp()
     ema = fe.EMA(model, 0.5)
     ema.update()

@@ -293,7 +293,7 @@ def _changed_model_cases() -> list[tuple[str, Callable[[nn.Module], None], str]]
         m[0].bias = nn.Parameter(torch.zeros(4, device="meta"))
 
     return [
-        ("param-added", add_param, r"extra in `params`: \['extra'\]"),
+        ("param-added", add_param, r"changed since the EMA was made at 'extra'"),
         ("shape-changed", reshape, r"shape mismatch at '0.bias': expected \(4,\)"),
         ("device-changed", move, r"device mismatch at '0.bias': expected cpu"),
     ]
@@ -311,7 +311,7 @@ def test_adapter_update_after_model_changed(
     ema = fe.EMA(model, 0.9)
     change(model)
     before = snapshot(ema.state_dict())
-    with pytest.raises(ValueError, match=rf"^update_: .*{pattern}"):
+    with pytest.raises(ValueError, match=rf"^EMA.update: .*{pattern}"):
         ema.update()
     assert_bits_equal(ema.state_dict(), before)
 
@@ -554,6 +554,21 @@ def _construct(*args: Any, **kwargs: Any) -> Build:
     return build
 
 
+def _sparse_model() -> nn.Module:
+    model = _model()
+    model[0].weight = nn.Parameter(model[0].weight.detach().to_sparse())
+    return model
+
+
+def _construct_on(make: Callable[[], nn.Module]) -> Build:
+    def build(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        del folder
+        model = make()
+        return lambda: fe.EMA(model, 0.9), lambda: None
+
+    return build
+
+
 def _tied_apply_alias_only(folder: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
     del folder
     model = _Tied()
@@ -568,6 +583,8 @@ def _swap_load(model: nn.Module, ema: fe.EMA) -> Callable[[], Any]:
 
 _NEG = torch.tensor(-1)
 _CKPT = r"load: unreadable checkpoint at '.*ema.pt': expected a file written by torch.save"
+
+_CHANGED = r"EMA.update: the model's parameters or buffers changed since the EMA was made at "
 
 # (case id, build, error type, message pattern after "^")
 MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
@@ -807,13 +824,14 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "tied-untied-after",
         _ema_case(_untie, _Tied()),
         ValueError,
-        r"update_: tree structure mismatch .* extra in `params`: \['dec.weight'\]",
+        _CHANGED + r"'dec.weight': .*got new names \['dec.weight'\]",
     ),
     (
         "tied-tied-after",
         _ema_case(_tie, _Tied(tie=False)),
         ValueError,
-        r"update_: tree structure mismatch .* missing in `params`: \['dec.weight'\]",
+        _CHANGED + r"'dec.weight': expected the names at construction \(missing now: "
+        r"\['dec.weight'\]\)",
     ),
     (
         "tied-apply-alias-only",
@@ -826,7 +844,7 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "lazy-EMA",
         _lazy("EMA"),
         ValueError,
-        r"module_state: uninitialized lazy tensor at '1.weight'",
+        r"EMA: uninitialized lazy tensor at '1.weight'",
     ),
     (
         "lazy-module_state",
@@ -852,33 +870,48 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "added-buffer",
         _ema_case(_register("buffer")),
         ValueError,
-        r"update_: tree structure mismatch .*extra in `buffers`: \['1.extra'\]",
+        _CHANGED + r"'1.extra': .*new names \['1.extra'\]",
     ),
     (
         "added-submodule",
         _ema_case(_register("module")),
         ValueError,
-        r"update_: tree structure mismatch .*extra in `params`: \['head.bias', 'head.weight'\]",
+        _CHANGED + r"'head.weight': .*new names \['head.bias', 'head.weight'\]",
     ),
     (
         "removed-parameter",
         _ema_case(_register("removed")),
         ValueError,
-        r"update_: tree structure mismatch .*missing in `params`: \['0.bias'\]",
+        _CHANGED + r"'0.bias': .*missing now: \['0.bias'\]",
     ),
     (
         "renamed-by-parametrization",
         _ema_case(_register("parametrized")),
         ValueError,
-        r"update_: .*missing in `params`: \['0.weight'\], extra in `params`: "
+        _CHANGED + r"'0.weight': .*missing now: \['0.weight'\]\), got new names "
         r"\['0.parametrizations.weight.original0', '0.parametrizations.weight.original1'\]",
     ),
     (
-        "int-buffer-dtype-changed",
-        _ema_case(_register("int-buffer-dtype")),
+        "EMA-of-an-EMA",
+        _construct_on(lambda: fe.EMA(_model(), 0.9)),
+        ValueError,
+        r"EMA: an EMA of an EMA at 'model': expected the live model, got an EMA adapter. Pass "
+        r"the model it tracks \(ema.model\)",
+    ),
+    (
+        "sparse-parameter",
+        _construct_on(_sparse_model),
         TypeError,
-        r"update_: dtype mismatch at '1.num_batches_tracked': expected torch.int64 .*got "
-        r"torch.int32",
+        r"EMA: torch.sparse_coo tensor in `model` at '0.weight': expected a dense \(strided\) "
+        r"tensor",
+    ),
+    (
+        "meta-parameter",
+        _construct_on(lambda: _model().to("meta")),
+        ValueError,
+        r"EMA: meta tensor \(no data\) at '0.bias': expected a tensor with data, got a tensor "
+        r"of shape \(4,\) and dtype torch.float32 on the meta device. .*"
+        r"model.to_empty\(device=...\)",
     ),
     (
         "wrapper-compile-copy_to",
@@ -903,20 +936,20 @@ MATRIX: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "adapter-dt-zero",
         _ema_case(_update_with(dt=0)),
         ValueError,
-        r"update_: dt out of range at 'dt'",
+        r"EMA.update: dt out of range at 'dt'",
     ),
     (
         "adapter-decay-vector",
         _ema_case(_update_with(decay=torch.tensor([0.9, 0.9]))),
         ValueError,
-        r"update_: decay not a scalar at 'decay': expected a 0-dim tensor, got a tensor of "
+        r"EMA.update: decay not a scalar at 'decay': expected a 0-dim tensor, got a tensor of "
         r"shape \(2,\)",
     ),
     (
         "adapter-schedule-out-of-range",
         _ema_case(_update_with(decay=lambda t, dt: 1.5)),
         ValueError,
-        r"update_ \(schedule\): " + _RANGE + "got 1.5",
+        r"EMA.update \(schedule\): " + _RANGE + "got 1.5",
     ),
     (
         "adapter-dtype-int",

@@ -74,3 +74,10 @@ def test_bf16_fp32_average_example() -> None:
     # The float32 average tracks the float64 reference; the bfloat16 one stalls.
     assert results["float32 average"] < 1e-3
     assert results["bfloat16 average"] > 10 * results["float32 average"]
+
+
+def test_finetune_frozen_backbone_example() -> None:
+    main = runpy.run_path(str(EXAMPLES / "finetune_frozen_backbone.py"), run_name="example")["main"]
+    results = main(steps=5, width=32, seed=0)
+    assert results["held elements"] == 32 + 1 + 2  # the head's weight and bias, and `step`s
+    assert math.isfinite(results["ema"]) and math.isfinite(results["live"])

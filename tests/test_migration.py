@@ -94,8 +94,8 @@ def _one_thread_and_report() -> Iterator[None]:
 
 
 def ema_averages(ema: fe.EMA) -> dict[str, Tensor]:
-    state = ema.state()
-    return {**state["params"], **state["buffers"]}
+    """The averaged model's every tensor (frozen parameters are the live ones)."""
+    return dict(ema.shadow.state_dict())
 
 
 def after_step(

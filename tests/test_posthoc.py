@@ -187,6 +187,7 @@ def test_tracking_is_the_bank_update_with_the_power_weights(
     if kernel:  # the engine's bank kernel on every floating leaf
         monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
         monkeypatch.setattr(_engine.compiled, "enabled", True)
+        monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     params = {"w": torch.randn(64, 3).to(value_dtype), "n": torch.tensor(0)}
     tracker = fe.posthoc_init(params, sigma_rel=(0.05, 0.1, 0.2), dtype=dtype)
     bank = fe.bank(params, 3, dtype=dtype)
@@ -223,6 +224,7 @@ def test_nonfinite_values_are_skipped_by_default(
     if kernel:
         monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
         monkeypatch.setattr(_engine.compiled, "enabled", True)
+        monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     tracker, bad, buffers = _poisoned_tracker()
     before = optree.tree_map(torch.clone, tracker)
     clean = {"w": torch.where(bad["w"].isfinite(), bad["w"], 0.0), "n": bad["n"]}

@@ -44,6 +44,10 @@ import functional_ema as fe
 from functional_ema._tree import leaf_paths
 
 
+# A tree of integer leaves only gives an EMA with nothing to average, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore:EMA. nothing to average:UserWarning")
+
+
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
