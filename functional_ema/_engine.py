@@ -47,13 +47,18 @@ GATHER_BELOW = 1 << 16
 copied into a gather buffer (one multi-tensor copy per group) and updated there as one
 region; larger ones are updated where they are, each by its own kernel call."""
 
+KERNEL_FROM = 1 << 10
+"""Regions of at least this many elements use the compiled kernel once it is built (below,
+the few eager operations cost less than a kernel call)."""
+
 COMPILE_FROM = 1 << 16
-"""Regions of at least this many elements use the compiled kernel (once built); smaller ones
-never start a build. Per call the kernel wins from about 1k elements (2 idle CPU cores,
-float32, best of 9: 4096 elements take 8 us eager and 6 us compiled, 23 vs 7 us with
-``nonfinite="skip"``; 25M elements 6.6 vs 4.1 ms, 22 vs 4.1 ms), but a build costs seconds
-of CPU (and runs beside the program, see ``_kernels``): below 65536 elements the eager
-path costs at most 0.13 ms per update, so the kernel would save too little to pay that back."""
+"""Regions of at least this many elements start the kernel's build; smaller ones use it only
+once something else built it (a model of small regions never compiles). Per call the kernel
+wins from about 1k elements (2 idle CPU cores, float32, best of 9: 4096 elements take 8 us
+eager and 6 us compiled, 23 vs 7 us with ``nonfinite="skip"``; 25M elements 6.6 vs 4.1 ms,
+22 vs 4.1 ms), but a build costs seconds of CPU (and runs beside the program, see
+``_kernels``): below 65536 elements the eager path costs at most 0.13 ms per update, too
+little to pay a build back."""
 
 
 _local = threading.local()
@@ -112,9 +117,10 @@ def update_bank_leaf_(
     """
     if not (shadow.is_contiguous() and value.is_contiguous()) or shadow.is_complex():
         return None
-    if shadow.numel() < COMPILE_FROM:
+    if shadow.numel() < KERNEL_FROM:
         return None
-    kernel = compiled.kernel(shadow, value, mask=mask, bank=True)
+    build = shadow.numel() >= COMPILE_FROM
+    kernel = compiled.kernel(shadow, value, mask=mask, bank=True, build=build)
     if kernel is None:
         return None
     size = shadow.shape[0]
@@ -273,8 +279,9 @@ class _Region:
         """
         shadow, value = self.shadow, self.value
         kernel = None
-        if shadow.numel() >= COMPILE_FROM:
-            kernel = compiled.kernel(shadow, value, mask=mask)
+        if shadow.numel() >= KERNEL_FROM:
+            build = shadow.numel() >= COMPILE_FROM
+            kernel = compiled.kernel(shadow, value, mask=mask, build=build)
         if kernel is None:
             flag = _eager_region_(shadow, value, weight, mask=mask, valid=valid)
             return [] if flag is None else [flag]

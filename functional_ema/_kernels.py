@@ -284,12 +284,13 @@ class Compiled:
             return self._changed.wait_for(lambda: not self._queued, timeout)
 
     def kernel(
-        self, shadow: Tensor, value: Tensor, *, mask: bool, bank: bool = False
+        self, shadow: Tensor, value: Tensor, *, mask: bool, bank: bool = False, build: bool = True
     ) -> Kernel | None:
         """The kernel for these tensors; ``None`` means: use the eager path.
 
-        ``None`` when compiling is off, pending or failed for this key, or for a device
-        without Inductor. ``bank``: shapes ``(K, M)``, ``(1, M)`` and weights ``(K, 1)``.
+        ``None`` when compiling is off, pending or failed for this key (or not built yet and
+        ``build`` is false: too little work to start a build), or for a device without
+        Inductor. ``bank``: shapes ``(K, M)``, ``(1, M)`` and weights ``(K, 1)``.
         Never compiles on the calling thread; waits for the key's build when
         :attr:`synchronous` or while torch's compiler is in use in the process.
         """
@@ -297,7 +298,7 @@ class Compiled:
             return None
         key: Key = (mask, bank, shadow.device.type, shadow.dtype, value.dtype)
         kernel = self._kernels.get(key)
-        if kernel is not None:
+        if kernel is not None or not build:
             return kernel
         with self._changed:
             if key not in self._kernels and key not in self._failures:

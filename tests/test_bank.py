@@ -34,6 +34,7 @@ def test_bank_rows_equal_separate_updates(
 ) -> None:
     if kernel:  # the in-place bank runs the engine's bank kernel on every leaf
         monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
         monkeypatch.setattr(_engine.compiled, "enabled", True)
         monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     params = _tree(dtype)

@@ -90,6 +90,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> _kernels.Compiled:
     kernels.synchronous = True  # every update waits for its kernel's build
     monkeypatch.setattr(_engine, "compiled", kernels)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     return kernels
 
 

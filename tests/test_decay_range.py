@@ -224,6 +224,7 @@ def test_kernel_keeps_every_bit_when_the_device_check_fails(
     kernels.enabled = kernels.synchronous = True
     monkeypatch.setattr(_engine, "compiled", kernels)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_kernels, "standalone_compile", _as_kernel)
     state = _state()
     fe.update_(state, _values(), 0.5, _buffers(), nonfinite=nonfinite)
@@ -242,6 +243,7 @@ def test_compiled_kernel_keeps_every_bit_when_the_device_check_fails(
     monkeypatch: pytest.MonkeyPatch, on_device: None
 ) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_engine.compiled, "enabled", True)
     monkeypatch.setattr(_engine.compiled, "synchronous", True)
     state = _state()

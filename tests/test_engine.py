@@ -62,6 +62,7 @@ def test_eager_engine_matches_tf(
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_engine, "ROW", 3)  # full rows and a shorter last row
     monkeypatch.setattr(_engine, "GATHER_BELOW", 4)  # scattered: updated in place or gathered
     monkeypatch.setattr(_engine.compiled, "enabled", True)
@@ -93,6 +94,7 @@ def test_kernel_falls_back_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(_kernels, "standalone_compile", _broken)
     monkeypatch.setattr(_kernels, "dynamo_compile", recording)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     _run_tf_case("float32", "per_step_decay", scattered=False)
     assert not fresh.fallbacks
     assert built == [_kernels.update_rows_masked]
@@ -106,6 +108,7 @@ def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_kernels, "standalone_compile", _broken)
     monkeypatch.setattr(_kernels, "dynamo_compile", _broken)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     with pytest.warns(RuntimeWarning, match=r"compiling the update kernel .* failed .*unavailable"):
         _run_tf_case("float32", "per_step_decay", scattered=False)
     assert fresh.fallbacks == [(True, False, "cpu", torch.float32, torch.float32)]
@@ -116,6 +119,7 @@ def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.Monkey
 @pytest.mark.compile
 def test_compiled_rows_leave_nonfinite_values_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_engine.compiled, "enabled", True)
     monkeypatch.setattr(_engine.compiled, "synchronous", True)
     state = fe.init({"w": torch.zeros(300)})  # two rows of 128 and a row of 44

@@ -124,6 +124,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> _kernels.Compiled:
     kernels.enabled, kernels.synchronous = True, False
     monkeypatch.setattr(_engine, "compiled", kernels)
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_kernels, "compiler_idle", lambda: True)  # as in a fresh process
     return kernels
 

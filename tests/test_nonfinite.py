@@ -132,6 +132,7 @@ def test_skip_has_no_host_sync() -> None:
 @pytest.mark.compile
 def test_compiled_kernel_skips_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     monkeypatch.setattr(_engine.compiled, "enabled", True)
     monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     shadow, clean, bad = _poisoned()

@@ -186,6 +186,7 @@ def test_tracking_is_the_bank_update_with_the_power_weights(
     """Row k: TF's step with -expm1((gamma_k + 1) log1p(-dt / t)) cast once, bit for bit."""
     if kernel:  # the engine's bank kernel on every floating leaf
         monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
         monkeypatch.setattr(_engine.compiled, "enabled", True)
         monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     params = {"w": torch.randn(64, 3).to(value_dtype), "n": torch.tensor(0)}
@@ -223,6 +224,7 @@ def test_nonfinite_values_are_skipped_by_default(
 ) -> None:
     if kernel:
         monkeypatch.setattr(_engine, "COMPILE_FROM", 0)
+        monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
         monkeypatch.setattr(_engine.compiled, "enabled", True)
         monkeypatch.setattr(_engine.compiled, "synchronous", True)  # kernels from the start
     tracker, bad, buffers = _poisoned_tracker()
