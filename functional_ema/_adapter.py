@@ -63,6 +63,15 @@ class _Shadow:
     version: int
 
 
+@dataclass
+class _Planned:
+    """A validated update and the fingerprints it holds under (parameters, buffers)."""
+
+    bound: Bound
+    params: Fingerprint
+    buffers: Fingerprint
+
+
 class EMA(nn.Module):
     r"""Exponential moving average of a model, for classic training scripts.
 
@@ -197,7 +206,7 @@ class EMA(nn.Module):
         self._frozen_names = [name for name in everything if name not in params]
         self._swapped = False
         self._warned_eval = False
-        self._planned: tuple[Fingerprint, Bound] | None = None
+        self._planned: _Planned | None = None
         self._planned_names: dict[int, tuple[Tensor, str]] = {}
         self._shadow_built: _Shadow | None = None
         self._copy_error: str | None = None
@@ -278,20 +287,30 @@ class EMA(nn.Module):
         if self._fsdp:
             check_sharded("EMA.update", self._model)
         with self._lock:
-            planned = self._planned
-            if planned is not None and planned[0].holds():
-                bound, followed = planned[1], dict[str, Tensor]()
-            else:
-                self._planned = None
-                bound, fingerprint, followed = self._plan("EMA.update")
+            planned, followed = self._current("EMA.update")
             with torch.no_grad():
-                apply_(bound, self.decay, dt, self.nonfinite)
+                apply_(planned.bound, self.decay, dt, self.nonfinite)
             if followed:  # written: now they are the held buffers
                 _register_tree(self.averages, followed)
                 self._layout += 1
-            if planned is None or bound is not planned[1]:
-                self._planned = (fingerprint, bound)
+            self._planned = planned
             self._version += 1
+
+    def _current(self, api: str) -> tuple[_Planned, dict[str, Tensor]]:
+        """The plan for the model as it is now, and the buffers it follows (not kept yet).
+
+        The kept plan while both fingerprints hold; only the buffers planned again when a
+        buffer alone moved (a forward that reassigns one); else everything.
+        """
+        planned = self._planned
+        if planned is not None and planned.params.holds():
+            if planned.buffers.holds():
+                return planned, {}
+            rebound = self._rebind_buffers(api, planned)
+            if rebound is not None:
+                return rebound
+        self._planned = None
+        return self._plan(api)
 
     def _live(self, api: str) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
         """The live tensors the update reads: ``(params, buffers, slot objects)``.
@@ -338,11 +357,12 @@ class EMA(nn.Module):
         detached = {name: t.detach() for name, t in live_params.items()}
         return detached, {name: t.detach() for name, t in live_buffers.items()}, slots
 
-    def _plan(self, api: str) -> tuple[Bound, Fingerprint, dict[str, Tensor]]:
-        """Validate the live model against the averages: ``(bound, fingerprint, followed)``.
+    def _plan(self, api: str) -> tuple[_Planned, dict[str, Tensor]]:
+        """Validate the live model against the averages: the plan and the followed buffers.
 
-        ``followed`` are new held tensors for copied buffers whose shape or dtype changed:
-        the bound writes into them; the caller registers them once the update succeeded.
+        Followed buffers are new held tensors for copied buffers whose shape or dtype
+        changed: the plan writes into them; the caller registers them once the update
+        succeeded.
         """
         params, buffers, slots = self._live(api)
         state = self.state()
@@ -351,19 +371,37 @@ class EMA(nn.Module):
         bound = validate(api, state, params, buffers, self.buffer_policy)
         names = [*params, *buffers]
         self._planned_names = {id(t): (t, name) for name, t in zip(names, slots, strict=True)}
-        return bound, Fingerprint(self._model, slots), followed
+        split = len(params)
+        return _Planned(
+            bound,
+            Fingerprint(self._model, slots[:split], ("modules", "parameters"), ("buffers",)),
+            Fingerprint(self._model, slots[split:], ("buffers",)),
+        ), followed
+
+    def _rebind_buffers(
+        self, api: str, planned: _Planned
+    ) -> tuple[_Planned, dict[str, Tensor]] | None:
+        """``planned`` with the buffers planned again (``None``: their names changed)."""
+        buffers = dict(self._model.named_buffers())
+        if buffers.keys() != set(self._buffer_names):
+            return None
+        slots = [buffers[name] for name in self._buffer_names]
+        live = {name: t.detach() for name, t in zip(self._buffer_names, slots, strict=True)}
+        held = self.state()["buffers"]
+        followed = self._followed_buffers(held, live)
+        held.update(followed)
+        bound = planned.bound.with_buffers(held, live)
+        return _Planned(bound, planned.params, Fingerprint(self._model, slots, ("buffers",))), (
+            followed
+        )
 
     def _validated(self) -> Bound:
         """The validated update from the live model (planned again when anything moved)."""
         with self._lock:
-            planned = self._planned
-            if planned is not None and planned[0].holds():
-                return planned[1]
-            bound, fingerprint, followed = self._plan("EMA.update")
-            if followed:
-                return bound  # not kept: the followed buffers are registered by update()
-            self._planned = (fingerprint, bound)
-            return bound
+            planned, followed = self._current("EMA.update")
+            if not followed:  # else kept by update(), which registers the followed buffers
+                self._planned = planned
+            return planned.bound
 
     def _followed_buffers(
         self, held: dict[str, Tensor], live: dict[str, Tensor]

@@ -11,6 +11,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -57,15 +58,43 @@ class Bound:
         tensors = [*self.shadow, *self.values, *self.held, *self.current]
         if "biased" in self.state or not fast_path_ok(*tensors):
             return None
+        return self.params_plan.merged(self.buffers_plan)
+
+    @functools.cached_property
+    def params_plan(self) -> Plan:
+        """The part of :attr:`plan` over the parameters (kept by :meth:`with_buffers`)."""
         averaged, copied = split_by_kind(list(zip(self.shadow, self.values, strict=True)))
-        buffer_pairs = list(zip(self.held, self.current, strict=True))
-        if self.buffer_policy == "copy":
-            copied += buffer_pairs
-        else:
-            averaged_buffers, copied_buffers = split_by_kind(buffer_pairs)
-            averaged += averaged_buffers
-            copied += copied_buffers
         return build_plan(averaged, copied)
+
+    @functools.cached_property
+    def buffers_plan(self) -> Plan:
+        """The part of :attr:`plan` over the buffers."""
+        pairs = list(zip(self.held, self.current, strict=True))
+        if self.buffer_policy == "copy":
+            return build_plan([], pairs)
+        averaged, copied = split_by_kind(pairs)
+        return build_plan(averaged, copied)
+
+    def with_buffers(self, held: TensorTree, buffers: TensorTree) -> Bound:
+        """This pairing with other buffers, checked; the parameters' part is kept as is.
+
+        For a model whose forward reassigns a buffer: only the buffers are checked and
+        planned again. ``held`` is the state's buffer tree (it may hold new tensors).
+        """
+        names = ("state['buffers']", "buffers")
+        held_leaves, current, spec = check_pair(self.api, held, buffers, names)
+        held_leaves, current, templates = localize(self.api, held, held_leaves, current, names)
+        new = dataclasses.replace(
+            self,
+            state={**self.state, "buffers": held},
+            held=held_leaves,
+            current=current,
+            buffer_spec=spec,
+            buffer_templates=templates,
+        )
+        if "params_plan" in self.__dict__:
+            new.__dict__["params_plan"] = self.__dict__["params_plan"]
+        return new
 
 
 def check_buffer_policy(api: str, buffer_policy: object) -> None:

@@ -559,3 +559,16 @@ def test_warnings_as_errors_raise_every_time() -> None:
         for _ in range(2):
             with pytest.raises(UserWarning, match="live model is in eval mode"):
                 ema.update()
+
+
+def test_a_forward_reassigning_a_buffer_replans_the_buffers_only() -> None:
+    model = Counting()
+    ema, reference = fe.EMA(model, DECAY), Reference(model)
+    params_plans = []
+    for seed in range(4):
+        model(torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)))
+        ema.update()
+        reference.update(model)
+        params_plans.append(ema._validated().params_plan)
+    assert all(plan is params_plans[0] for plan in params_plans)
+    check_against(ema, reference)
