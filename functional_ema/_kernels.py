@@ -220,8 +220,8 @@ class Compiled:
     """
 
     def __init__(self) -> None:
-        setting = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1")
-        self.enabled = setting != "0"
+        setting = os.environ.get("FUNCTIONAL_EMA_COMPILE", "1").strip().lower()
+        self.enabled = setting not in ("0", "false", "off", "no")
         self.synchronous = setting == "sync"
         self._kernels: dict[Key, Kernel] = {}
         self._failures: dict[Key, str] = {}
@@ -241,7 +241,15 @@ class Compiled:
             self._changed.wait_for(lambda: self._worker is None, EXIT_WAIT)
 
     def _after_fork(self) -> None:
-        """In a forked child the build thread is gone: forget its queue, make new locks."""
+        """In a forked child the build thread is gone: forget its queue, make new locks.
+
+        A child forked while a build ran may hold Dynamo's compile lock with no thread to
+        release it: it never compiles (eager, same bits) rather than wait forever.
+        """
+        if self._worker is not None:
+            for key in self._queued:
+                self._failures[key] = "not built: the process forked while it was building"
+            self.enabled = False
         self._queued = {}
         self._worker = None
         self._lock = threading.Lock()

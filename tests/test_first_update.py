@@ -258,3 +258,35 @@ def test_a_failed_build_warns_from_the_build_thread_unless_a_warning_caused_it(
             assert fresh.kernel(torch.zeros(4), torch.zeros(4), mask=mask) is None
     assert seen == [("RuntimeWarning", "functional_ema-compile")]  # the first build only
     assert len(fresh.fallbacks) == 2
+
+
+_FORK_MID_BUILD = """
+import os, time, torch
+import functional_ema as fe
+model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+ema = fe.EMA(model, 0.99)
+ema.update()  # queues a build in the background
+time.sleep(0.3)
+pid = os.fork()
+if pid == 0:
+    ema.update()
+    ema.update()
+    print("child updated", flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child status", status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_child_forked_mid_build_updates_eagerly(tmp_path: Path) -> None:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_MID_BUILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "child updated" in done.stdout and "child status 0" in done.stdout
