@@ -110,15 +110,24 @@ def average_leaf(
     *,
     inplace: bool,
     finite_flags: list[Tensor] | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """One leaf's update: :func:`ema_step` for floating leaves, :func:`copy_leaf` for others.
 
     With a ``finite_flags`` list, non-finite values leave their averages unchanged
     (:func:`keep_finite`) and the leaf's 0-dim "all finite" flag is appended
-    (``nonfinite="skip"``); the flags stay on the device.
+    (``nonfinite="skip"``); the flags stay on the device. With ``valid`` (a 0-dim bool on
+    the device, not read here), a floating ``shadow`` keeps its bits where it is false: the
+    new average is computed out of place and selected (``torch.where``), so the kept bits are
+    exact whatever the values (NaN, Inf, a negative zero). Integer leaves are copied either
+    way, as a skipped non-finite update copies them.
     """
     if not is_inexact(shadow):
         return copy_leaf(shadow, value, inplace=inplace)
+    if valid is not None:
+        new = average_leaf(shadow, value, weight, inplace=False, finite_flags=finite_flags)
+        kept = torch.where(valid.to(shadow.device), new, shadow)
+        return shadow.copy_(kept) if inplace else kept
     if finite_flags is not None:
         value, finite = keep_finite(shadow, value)
         finite_flags.append(finite.all())

@@ -12,10 +12,10 @@ import optree
 import torch
 from torch import Tensor
 
-from functional_ema._arith import is_inexact
+from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, unread_in_range, weight_as
 from functional_ema._dtensor import localize, rewrap
-from functional_ema._engine import average_leaf_where, build_plan, fast_path_ok
+from functional_ema._engine import build_plan, fast_path_ok
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
@@ -100,7 +100,7 @@ def _ema_update(
         return shadow
     flags: list[Tensor] | None = [] if mask else None
     new = [
-        average_leaf_where(valid, s, p, weights(s.dtype), inplace=inplace, finite_flags=flags)
+        average_leaf(s, p, weights(s.dtype), inplace=inplace, finite_flags=flags, valid=valid)
         for s, p in zip(shadow_leaves, params_leaves, strict=True)
     ]
     return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(templates, new)))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, ema_step, is_inexact, keep_finite
+from functional_ema._arith import average_leaf, ema_step, keep_finite
 from functional_ema._compat import foreach_copy_, is_functorch_wrapped
 from functional_ema._kernels import ROW, compiled
 
@@ -174,29 +174,6 @@ def _eager_region_(
         else:
             torch.where(valid, ema_step(s, v, weight, inplace=False, scratch=t), s, out=s)
     return None if flags is None else flags.all()
-
-
-def average_leaf_where(
-    valid: Tensor | None,
-    shadow: Tensor,
-    value: Tensor,
-    weight: float | Tensor,
-    *,
-    inplace: bool,
-    finite_flags: list[Tensor] | None = None,
-) -> Tensor:
-    """:func:`_arith.average_leaf`, keeping a floating ``shadow``'s bits where ``valid`` is false.
-
-    ``valid`` is a 0-dim bool (on the device: not read here); ``None`` is ``average_leaf``.
-    The new average is computed out of place and selected (``torch.where``), so the kept
-    bits are exact whatever the values (NaN, Inf, a negative zero). Integer leaves are copied
-    either way, as a skipped non-finite update copies them.
-    """
-    if valid is None or not is_inexact(shadow):
-        return average_leaf(shadow, value, weight, inplace=inplace, finite_flags=finite_flags)
-    new = average_leaf(shadow, value, weight, inplace=False, finite_flags=finite_flags)
-    kept = torch.where(valid.to(shadow.device), new, shadow)
-    return shadow.copy_(kept) if inplace else kept
 
 
 # --- layouts ---------------------------------------------------------------------------
@@ -383,13 +360,13 @@ class Plan:
                     gate = gates[key[1]] = valid.to(key[1])
             flags.extend(part.run(weights[key], mask=mask, valid=gate))
         for shadow, value in self.leaves:
-            average_leaf_where(
-                valid,
+            average_leaf(
                 shadow,
                 value,
                 weight_for(shadow.dtype),
                 inplace=True,
                 finite_flags=flags if mask else None,
+                valid=valid,
             )
         for held, current in self.regions_copied:
             held.copy_(current)

@@ -24,7 +24,7 @@ from functional_ema._arith import average_leaf, copy_leaf, is_inexact
 from functional_ema._core import WeightCache, check_policy, raise_if_nonfinite, split_by_kind
 from functional_ema._decay import check_interval, resolve_decay, steps_covered
 from functional_ema._dtensor import local_leaves, localize, rewrap
-from functional_ema._engine import Plan, all_finite, average_leaf_where, build_plan, fast_path_ok
+from functional_ema._engine import Plan, all_finite, build_plan, fast_path_ok
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._state import EmaState, check_state_structure
 from functional_ema._tree import check_pair
@@ -268,7 +268,7 @@ def _apply(
     }
     if "biased" not in state:
         new_shadow = [
-            average_leaf_where(valid, s, v, weights(s.dtype), inplace=inplace, finite_flags=flags)
+            average_leaf(s, v, weights(s.dtype), inplace=inplace, finite_flags=flags, valid=valid)
             for s, v in zip(bound.shadow, bound.values, strict=True)
         ]
     else:
@@ -290,7 +290,7 @@ def _apply(
     if bound.buffer_spec is not None:
         average = bound.buffer_policy == "average"
         new_held = [
-            average_leaf_where(valid, h, c, weights(h.dtype), inplace=inplace, finite_flags=flags)
+            average_leaf(h, c, weights(h.dtype), inplace=inplace, finite_flags=flags, valid=valid)
             if average
             else copy_leaf(h, c, inplace=inplace)
             for h, c in zip(bound.held, bound.current, strict=True)
