@@ -451,9 +451,62 @@ class TriadRunner(Runner):
         return 3 * 4 * self.a.numel()
 
 
+class ForeachLerpRunner(Runner):
+    """Bare ``torch._foreach_lerp`` over per-tensor copies of the trainable params.
+
+    No library around it: the floor for a model whose parameters are separate tensors. The
+    averages are fp32 copies of an fp32 model's params; for a bf16/fp16 model they keep the
+    model's dtype, since ``_foreach_lerp`` needs matching dtypes (as ``AveragedModel``).
+
+    Args:
+        ctx: The model whose trainable parameters are averaged.
+        inplace: ``_foreach_lerp_`` into the held list (True), or ``_foreach_lerp`` making new
+            tensors that replace the held list each call (False: what the pure ``fe.update``
+            is judged against).
+    """
+
+    def __init__(self, ctx: Ctx, *, inplace: bool) -> None:
+        self.names = list(ctx.names)
+        params = ctx.params()  # views of the model's storage: no sync() needed
+        self.params = [params[n] for n in self.names]
+        self.avgs = [p.clone() for p in self.params]
+        self.weight = 1.0 - DECAY
+        self.inplace = inplace
+        self.shadow_dtype = ctx.model_dtype
+        call = (
+            "torch._foreach_lerp_(avgs, params, 1 - d)"
+            if inplace
+            else "avgs = torch._foreach_lerp(avgs, params, 1 - d)"
+        )
+        self.note = f"`{call}` over per-tensor copies of the params, no library"
+        if ctx.low_precision:
+            self.note += "; average in the model's dtype (`_foreach_lerp` needs matching dtypes)"
+
+    def update(self) -> None:
+        """One multi-tensor lerp of the averages towards the params."""
+        if self.inplace:
+            torch._foreach_lerp_(self.avgs, self.params, self.weight)
+        else:
+            self.avgs = list(torch._foreach_lerp(self.avgs, self.params, self.weight))
+
+    def averages(self) -> dict[str, Tensor]:
+        """The held averages, by parameter name."""
+        return dict(zip(self.names, self.avgs, strict=True))
+
+
 def build_bound(ctx: Ctx) -> Runner:
     """The contiguous-lerp bound."""
     return BoundRunner(ctx)
+
+
+def build_foreach_lerp_inplace(ctx: Ctx) -> Runner:
+    """Bare in-place ``torch._foreach_lerp_``: the floor for an unflattened model."""
+    return ForeachLerpRunner(ctx, inplace=True)
+
+
+def build_foreach_lerp(ctx: Ctx) -> Runner:
+    """Bare out-of-place ``torch._foreach_lerp``: the reference for the pure ``fe.update``."""
+    return ForeachLerpRunner(ctx, inplace=False)
 
 
 def build_triad(ctx: Ctx) -> Runner:
@@ -472,7 +525,7 @@ class Candidate:
         key: Its name on the command line and in the JSON.
         label: Its name in the tables and the plot.
         family: ``fe`` (this library), ``seed``, ``peer`` (counts for "x fastest peer") or
-            ``ref`` (bound, triad).
+            ``ref`` (bound, bare ``_foreach_lerp``, triad).
         build: Constructs the candidate on ``ctx.model``; measured for state memory.
         own_model: Whether it gets a deep copy of the model (for candidates that mutate it).
         prepare: Untimed, unmeasured setup of the ``own_model`` copy.
@@ -521,5 +574,9 @@ CANDIDATES: list[Candidate] = [
     Candidate("diffusers_foreach", "diffusers EMAModel (foreach)", "peer", build_diffusers_foreach),
     Candidate("diffusers_loop", "diffusers EMAModel (no foreach)", "peer", build_diffusers_loop),
     Candidate("bound", "bound: contiguous lerp_", "ref", build_bound),
+    Candidate(
+        "foreach_lerp_", "ref: torch._foreach_lerp_ (in place)", "ref", build_foreach_lerp_inplace
+    ),
+    Candidate("foreach_lerp", "ref: torch._foreach_lerp (new tensors)", "ref", build_foreach_lerp),
     Candidate("triad", "STREAM triad (same size)", "ref", build_triad),
 ]

@@ -16,6 +16,8 @@ probe                     fallback when it fails
                           shape, strides and ``requires_grad`` runs in Python (same answer,
                           slower on models of many tensors)
 ``foreach_copy``          one ``copy_`` per tensor
+``nested_views``          the views of a packed buffer are made one by one in Python (one
+                          ``slice`` and one ``view`` dispatched per tensor instead of two in all)
 ``standalone_compile``    ``torch.compile`` builds the update kernels
 ``precision_casts``       no compiled kernels (Inductor could not round like eager): eager
 ``compile_lock``          kernel builds do not hold Dynamo's compile lock (a ``torch.compile``
@@ -29,6 +31,7 @@ probe                     fallback when it fails
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import importlib
@@ -44,6 +47,7 @@ PROBES = (
     "functorch",
     "tensor_guards",
     "foreach_copy",
+    "nested_views",
     "standalone_compile",
     "precision_casts",
     "compile_lock",
@@ -71,6 +75,7 @@ _TENSOR_GUARDS: Callable[..., object] | None = getattr(
 _FOREACH_COPY: Callable[[list[Tensor], list[Tensor]], None] | None = getattr(
     torch, "_foreach_copy_", None
 )
+_NESTED_VIEW: Callable[..., Tensor] | None = getattr(torch, "_nested_view_from_buffer", None)
 
 
 @functools.cache
@@ -81,6 +86,8 @@ def _probe(probe: str) -> bool:
         return _guards_work()
     if probe == "foreach_copy":
         return callable(_FOREACH_COPY)
+    if probe == "nested_views":
+        return _nested_views_work()
     if probe in ("standalone_compile", "precision_casts"):
         # Seconds to import: probed on the first compile only, on the kernels' build thread.
         inductor = importlib.import_module("torch._inductor")
@@ -200,6 +207,99 @@ def foreach_copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         return
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
+
+
+def _python_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    views, offset = [], 0
+    for shape in shapes:
+        numel = shape.numel()
+        views.append(buffer[offset : offset + numel].view(shape))
+        offset += numel
+    return views
+
+
+def _nested_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """:func:`views_of` in two dispatched operations per number of dimensions.
+
+    A strided nested tensor over ``buffer`` (one per ndim: its components share one) whose
+    ``unbind`` makes every view in one C++ loop.
+    """
+    assert _NESTED_VIEW is not None
+    out: list[Tensor | None] = [None] * len(shapes)
+    by_ndim: dict[int, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_ndim.setdefault(len(shape), []).append(index)
+    offsets, offset = [], 0
+    for shape in shapes:
+        offsets.append(offset)
+        offset += shape.numel()
+    for ndim, indices in by_ndim.items():
+        if ndim == 0:  # a nested tensor needs a dimension: ``unbind`` runs of 0-dim views
+            run: list[int] = []
+            for index in [*indices, -1]:
+                if run and (index < 0 or offsets[index] != offsets[run[-1]] + 1):
+                    scalars = buffer[offsets[run[0]] : offsets[run[-1]] + 1].unbind()
+                    for at, view in zip(run, scalars, strict=True):
+                        out[at] = view
+                    run = []
+                run.append(index)
+            continue
+        nested = _NESTED_VIEW(
+            buffer,
+            torch.tensor([list(shapes[i]) for i in indices], dtype=torch.int64),
+            torch.tensor([_contiguous_strides(shapes[i]) for i in indices], dtype=torch.int64),
+            torch.frombuffer(array.array("q", [offsets[i] for i in indices]), dtype=torch.int64),
+        )
+        for index, view in zip(indices, nested.unbind(), strict=True):
+            out[index] = view
+    return out  # type: ignore[return-value]
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return strides[::-1]
+
+
+def _nested_views_work() -> bool:
+    """Whether nested views give exactly the Python views (sizes, strides, offsets, storage)."""
+    if _NESTED_VIEW is None:
+        return False
+    buffer = torch.arange(20.0)
+    shapes = [torch.Size(s) for s in ((2, 3), (4,), (1, 2, 2), (0, 3), (3, 1))]
+    try:
+        got = _nested_views(buffer, shapes)
+    except Exception:
+        return False
+    want = _python_views(buffer, shapes)
+    return all(
+        g.shape == w.shape
+        and g.stride() == w.stride()
+        and g.storage_offset() == w.storage_offset()
+        and g.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        and type(g) is Tensor
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+def views_of(buffer: Tensor, shapes: Sequence[torch.Size], *, pad: bool = False) -> list[Tensor]:
+    """Contiguous views of the 1-D ``buffer``, shaped ``shapes``, back to back from offset 0.
+
+    Made in a few dispatched operations however many there are (the engine's budget), else
+    one by one. ``pad``: the views may have extra leading dimensions of size 1 (targets
+    of a copy, which broadcasts): then they are made together whatever their shapes.
+    """
+    if len(shapes) > 2 and buffer.numel() and available("nested_views"):
+        if pad:
+            ndim = max(1, *map(len, shapes))
+            shapes = [torch.Size((1,) * (ndim - len(s)) + tuple(s)) for s in shapes]
+        try:
+            return _nested_views(buffer, shapes)
+        except (RuntimeError, TypeError, ValueError):  # e.g. a device nested tensors lack
+            pass
+    return _python_views(buffer, shapes)
 
 
 Kernel = Callable[..., list[Tensor]]

@@ -15,7 +15,7 @@ from torch import Tensor
 from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, unread_in_range, weight_as
 from functional_ema._dtensor import localize, rewrap
-from functional_ema._engine import build_plan, fast_path_ok
+from functional_ema._engine import build_plan, fast_path_ok, pure_path_ok, updated
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
@@ -46,6 +46,27 @@ def split_by_kind(
     """Validated ``(shadow, value)`` pairs split into floating ones (averaged) and the rest."""
     averaged = [(s, v) for s, v in pairs if is_inexact(s)]
     return averaged, [(s, v) for s, v in pairs if not is_inexact(s)]
+
+
+def updated_leaves(
+    shadow: list[Tensor],
+    values: list[Tensor],
+    weights: WeightCache,
+    *,
+    mask: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """A pure update of validated leaves by the engine: the new leaves, in order, and flags.
+
+    Floating leaves are averaged, the others copied (see :func:`_engine.updated`).
+    """
+    kinds = [is_inexact(s) for s in shadow]
+    averaged = [(s, v) for s, v, k in zip(shadow, values, kinds, strict=True) if k]
+    copied = [(s, v) for s, v, k in zip(shadow, values, kinds, strict=True) if not k]
+    new_averaged, new_copied, flags = updated(
+        averaged, copied, weights, mask=mask, valid=weights.valid
+    )
+    averaged_iter, copied_iter = iter(new_averaged), iter(new_copied)
+    return [next(averaged_iter) if k else next(copied_iter) for k in kinds], flags
 
 
 def check_policy(api: str, nonfinite: object) -> None:
@@ -98,6 +119,9 @@ def _ema_update(
             weights, mask=mask, valid=valid
         )
         return shadow
+    if not inplace and pure_path_ok(*shadow_leaves, *params_leaves):
+        new, _ = updated_leaves(shadow_leaves, params_leaves, weights, mask=mask)
+        return cast(T, optree.tree_unflatten(spec, rewrap(templates, new)))
     flags: list[Tensor] | None = [] if mask else None
     new = [
         average_leaf(s, p, weights(s.dtype), inplace=inplace, finite_flags=flags, valid=valid)

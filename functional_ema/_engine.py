@@ -1,18 +1,28 @@
-"""The in-place update engine: TF-order arithmetic at memory bandwidth.
+"""The in-place update engine: TF-order arithmetic at memory bandwidth, in few launches.
 
 The arithmetic is :func:`_arith.ema_step`'s. What this module adds is how it is evaluated in
 place:
 
 - over **contiguous regions**, by a kernel compiled once for every size (``_kernels``): it
   reads ``shadow`` and ``value`` once, writes ``shadow`` once and, with ``nonfinite="skip"``,
-  checks each row of values in the same pass; else in cache-sized eager chunks (no
-  full-size temporary);
+  checks each row of values in the same pass; else in eager chunks (no full-size temporary);
 - over **many tensors at once**: when a group of leaves are adjacent views of one buffer (the
   layout ``init`` gives averages and :func:`flatten_parameters_` gives a model), the group is one
-  region; otherwise large values are regions of their own against their slice of the averages
-  and runs of small ones are copied into a gather buffer first (one multi-tensor copy).
+  region; otherwise runs of values (and of averages laid out elsewhere) are copied into a
+  bounded gather buffer by one multi-tensor copy, updated there as one region, and copied back.
 
-Plans are built once per validated pairing of tensors and can be re-run (the adapter caches
+Two strategies decide which tensors are updated where they are (:func:`use_strategy`):
+
+- ``"direct"`` (the default on the CPU, where a call costs less than moving data again): a
+  contiguous pair of at least ``GATHER_BELOW`` elements is a region of its own (one kernel
+  call each); smaller ones are gathered, ``CHUNK`` elements at most per gather.
+- ``"batched"`` (the default on accelerators, where each launch costs microseconds of host
+  time and the whole update's memory traffic may take less): every value is gathered, in
+  chunks of a tenth of the group (between ``BATCH_MIN`` and ``BATCH_MAX`` elements), so an
+  update costs O(dtype groups + bytes / chunk) launches whatever the number of tensors, and
+  the gather buffer holds at most about a tenth of the averages.
+
+Plans are built once per validated pairing of tensors and can be re-run (the adapter keeps
 its plan while the model's tensors stay the same).
 
 Every path takes an optional 0-dim bool ``valid`` on the device (the update's decay and
@@ -22,30 +32,93 @@ false, the averages keep every bit, with no host sync.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import operator
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, ema_step, keep_finite
-from functional_ema._compat import foreach_copy_, is_functorch_wrapped
+from functional_ema._compat import foreach_copy_, is_functorch_wrapped, views_of
 from functional_ema._kernels import ROW, compiled
 
 
 CHUNK = 1 << 20
-"""Most elements per chunk of the eager path (4 MiB of float32: stays in cache). Each
-region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the temporaries stay a
-small fraction of the averages. Also the most elements gathered into one buffer."""
+"""Most elements per chunk of the direct strategy's eager path (4 MiB of float32: stays in
+cache). Each region uses at most 1/32 of its size (and at least ``MIN_CHUNK``), so the
+temporaries stay a small fraction of the averages. Also the most elements it gathers into one
+buffer."""
 
 MIN_CHUNK = 1 << 15
 
 GATHER_BELOW = 1 << 16
-"""Values smaller than this (in elements) that are not laid out like their averages are
-copied into a gather buffer (one multi-tensor copy per group) and updated there as one
-region; larger ones are updated where they are, each by its own kernel call."""
+"""Direct strategy: values smaller than this (in elements) that are not laid out like their
+averages are copied into a gather buffer (one multi-tensor copy per run) and updated there as
+one region; larger contiguous ones are updated where they are, each by its own kernel call."""
+
+BATCH_MIN = 1 << 20
+BATCH_MAX = 1 << 26
+"""Batched strategy: the chunk is a tenth of the group's elements, within these bounds (4 to
+256 MiB of float32). Values at least a chunk long and contiguous are updated where they are
+(there are at most ten of them per group)."""
+
+STRATEGIES = ("auto", "direct", "batched")
+
+_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "functional_ema_strategy", default=None
+)
+
+
+def _strategy_setting() -> str:
+    setting = os.environ.get("FUNCTIONAL_EMA_STRATEGY", "auto").strip().lower() or "auto"
+    return setting if setting in STRATEGIES else "auto"
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """Plans built inside use strategy ``name`` (``"auto"``, ``"direct"`` or ``"batched"``).
+
+    For tests and benchmarks: the results are the same bits either way. ``"auto"`` (the
+    default, or ``FUNCTIONAL_EMA_STRATEGY``) picks ``"direct"`` on the CPU and ``"batched"``
+    on other devices. The setting is per thread (a context variable).
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> from functional_ema._engine import use_strategy
+        >>> state = fe.init({"w": torch.zeros(3)})
+        >>> with use_strategy("batched"):
+        ...     _ = fe.update_(state, {"w": torch.ones(3)}, 0.5)
+        >>> state["params"]["w"]
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"use_strategy: unknown strategy {name!r}: expected one of {STRATEGIES}.")
+    token = _strategy.set(name)
+    try:
+        yield
+    finally:
+        _strategy.reset(token)
+
+
+def strategy_for(device: torch.device) -> str:
+    """The strategy plans for ``device`` use now: ``"direct"`` or ``"batched"``."""
+    name = _strategy.get() or _strategy_setting()
+    if name == "auto":
+        return "direct" if device.type == "cpu" else "batched"
+    return name
+
+
+def batch_chunk(numel: int) -> int:
+    """The batched strategy's chunk for a group of ``numel`` elements."""
+    return max(BATCH_MIN, min(BATCH_MAX, numel // 10))
+
 
 KERNEL_FROM = 1 << 10
 """Regions of at least this many elements use the compiled kernel once it is built (below,
@@ -60,6 +133,9 @@ eager and 6 us compiled, 23 vs 7 us with ``nonfinite="skip"``; 25M elements 6.6 
 ``_kernels``): below 65536 elements the eager path costs at most 0.13 ms per update, too
 little to pay a build back."""
 
+
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
 
 _local = threading.local()
 
@@ -81,6 +157,19 @@ def fast_path_ok(*tensors: Tensor) -> bool:
     return not any(
         type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors
     )
+
+
+def pure_path_ok(*tensors: Tensor) -> bool:
+    """Whether :func:`updated` may make a pure update of these tensors.
+
+    Plain tensors, no transform, no trace, and no autograd graph to record: under grad mode
+    a tensor that requires grad takes the per-leaf path, whose result is differentiable.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if any(type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def all_finite(flags: list[Tensor]) -> Tensor:
@@ -148,8 +237,11 @@ def _eager_region_(
     *,
     mask: bool,
     valid: Tensor | None = None,
+    chunk: int | None = None,
 ) -> Tensor | None:
-    """A region in place without the kernel: cache-sized chunks through a scratch buffer.
+    """A region in place without the kernel: chunks through a scratch buffer.
+
+    ``chunk``: elements per chunk (the batched strategy's); by default cache-sized.
 
     The TF step and the masking of ``_arith``, written into per-thread scratch buffers: no
     allocation per update, no full-size temporary. With ``mask``, returns the 0-dim "all
@@ -157,7 +249,8 @@ def _eager_region_(
     against its old bits (one chunk-sized temporary), so a false ``valid`` keeps them all.
     """
     numel = shadow.numel()
-    chunk = max(MIN_CHUNK, min(CHUNK, numel // 32)) if shadow.device.type == "cpu" else 1 << 24
+    if chunk is None:
+        chunk = max(MIN_CHUNK, min(CHUNK, numel // 32))
     tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
     flags = (
         torch.empty(-(-numel // chunk), dtype=torch.bool, device=shadow.device) if mask else None
@@ -182,55 +275,68 @@ def _eager_region_(
 def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """A 1-D view covering ``tensors`` if they are adjacent contiguous views of one buffer.
 
-    Empty tensors are ignored. Returns ``None`` for any other layout.
+    Empty tensors are ignored. Returns ``None`` for any other layout. A few passes in C
+    (``map`` over tensor methods, list comparisons): no Python per tensor.
     """
-    parts = [t for t in tensors if t.numel()]
+    parts = list(compress(tensors, map(Tensor.numel, tensors)))
     if not parts:
         return None
     first = parts[0]
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    expected = offset
-    for t in parts:
-        if (
-            not t.is_contiguous()
-            or t.dtype != first.dtype
-            or t.device != first.device
-            or t.untyped_storage().data_ptr() != storage
-            or t.storage_offset() != expected
-        ):
-            return None
-        expected += t.numel()
+    if not all(map(Tensor.is_contiguous, parts)):
+        return None
+    if len(parts) > 1 and (
+        set(map(_DTYPE, parts)) != {first.dtype} or set(map(_DEVICE, parts)) != {first.device}
+    ):
+        return None
+    starts = list(map(Tensor.data_ptr, parts))
+    sizes = list(map(Tensor.numel, parts))
+    ends = list(map(operator.add, starts, map(operator.mul, sizes, repeat(first.itemsize))))
+    if starts[1:] != ends[:-1]:
+        return None
+    storage = first.untyped_storage()
+    if ends[-1] > storage.data_ptr() + storage.nbytes():  # adjacent, yet in another buffer
+        return None
     flat = torch.empty(0, dtype=first.dtype, device=first.device)
-    return flat.set_(first.untyped_storage(), offset, (expected - offset,), (1,))
+    return flat.set_(storage, first.storage_offset(), (sum(sizes),), (1,))
 
 
 def pack(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """Copies of ``tensors`` laid out back to back in one buffer per (device, dtype).
 
     ``dtype`` (if given) applies to floating and complex tensors. Order is preserved, so
-    :func:`flat_view` of the returned views (per group) is one region.
+    :func:`flat_view` of the returned views (per group) is one region. A few dispatched
+    operations per group (the views in one C++ loop, one multi-tensor copy), however many
+    tensors.
     """
-    targets = [
-        (
-            t.device,
-            dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype,
-        )
-        for t in tensors
-    ]
-    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-    for t, key in zip(tensors, targets, strict=True):
-        sizes[key] = sizes.get(key, 0) + t.numel()
-    buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
-    offsets = dict.fromkeys(buffers, 0)
-    out = []
-    for t, key in zip(tensors, targets, strict=True):
-        start = offsets[key]
-        view = buffers[key][start : start + t.numel()].view(t.shape)
-        view.copy_(t.detach())
-        offsets[key] = start + t.numel()
-        out.append(view)
-    return out
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, t in enumerate(tensors):
+        target = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else None
+        groups.setdefault((t.device, target or t.dtype), []).append(index)
+    out: list[Tensor | None] = [None] * len(tensors)
+    with torch.no_grad():
+        for key, indices in groups.items():
+            _pack_group(tensors, indices, key, out)
+    return out  # type: ignore[return-value]
+
+
+def _pack_group(
+    tensors: Sequence[Tensor],
+    indices: list[int],
+    key: tuple[torch.device, torch.dtype],
+    out: list[Tensor | None],
+) -> None:
+    """:func:`pack` of one group: the tensors at ``indices`` into one new buffer."""
+    device, group_dtype = key
+    sources = [tensors[i] for i in indices]
+    buffer = torch.empty(sum(t.numel() for t in sources), dtype=group_dtype, device=device)
+    views = views_of(buffer, [t.shape for t in sources])
+    source = flat_view(sources) if len(sources) > 1 else None
+    if source is not None and source.numel() == buffer.numel():
+        buffer.copy_(source)  # already one region: one copy
+    else:
+        foreach_copy_(views, sources)
+    for index, view in zip(indices, views, strict=True):
+        out[index] = view
 
 
 # --- plans -----------------------------------------------------------------------------
@@ -238,10 +344,14 @@ def pack(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Te
 
 @dataclass
 class _Region:
-    """A contiguous 1-D run of averages and the values of the same length that update it."""
+    """A contiguous 1-D run of averages and the values of the same length that update it.
+
+    ``chunk``: the eager path's chunk (``None``: cache-sized, the direct strategy's).
+    """
 
     shadow: Tensor
     value: Tensor
+    chunk: int | None = None
     blocks: list[tuple[Tensor, Tensor]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -260,7 +370,7 @@ class _Region:
             build = shadow.numel() >= COMPILE_FROM
             kernel = compiled.kernel(shadow, value, mask=mask, build=build)
         if kernel is None:
-            flag = _eager_region_(shadow, value, weight, mask=mask, valid=valid)
+            flag = _eager_region_(shadow, value, weight, mask=mask, valid=valid, chunk=self.chunk)
             return [] if flag is None else [flag]
         w = weight
         if not isinstance(w, Tensor) or w.dtype != shadow.dtype or w.device != shadow.device:
@@ -276,20 +386,19 @@ class _Region:
 
 @dataclass
 class _Gather:
-    """Small scattered values, copied into one buffer, then updated as one region."""
+    """A run of values (and of averages, when they are not one region) copied into buffers.
+
+    The values are copied into ``targets`` (views of a gather buffer the plan's gathers
+    share), updated there as one region against ``region.shadow``, which is a slice of the
+    averages' region, or, with ``shadows``, views of a second shared buffer that the
+    averages are copied into first and back from after.
+    """
 
     values: list[Tensor]
-    targets: list[Tensor]  # views of the region's value buffer, shaped like ``values``
+    targets: list[Tensor]
     region: _Region
-
-    @classmethod
-    def of(cls, shadow: Tensor, values: list[Tensor]) -> _Gather:
-        buffer = torch.empty(shadow.numel(), dtype=values[0].dtype, device=shadow.device)
-        targets, offset = [], 0
-        for value in values:
-            targets.append(buffer[offset : offset + value.numel()].view(value.shape))
-            offset += value.numel()
-        return cls(values, targets, _Region(shadow, buffer))
+    shadows: list[Tensor] | None = None
+    shadow_targets: list[Tensor] | None = None
 
     @property
     def shadow(self) -> Tensor:
@@ -298,8 +407,13 @@ class _Gather:
     def run(
         self, weight: float | Tensor, *, mask: bool, valid: Tensor | None = None
     ) -> list[Tensor]:
-        """Copy the values in, then update the region."""
+        """Copy the values (and averages) in, update the region, copy the averages back."""
         foreach_copy_(self.targets, self.values)
+        if self.shadows is not None and self.shadow_targets is not None:
+            foreach_copy_(self.shadow_targets, self.shadows)
+            flags = self.region.run(weight, mask=mask, valid=valid)
+            foreach_copy_(self.shadows, self.shadow_targets)
+            return flags
         return self.region.run(weight, mask=mask, valid=valid)
 
 
@@ -308,8 +422,9 @@ class Plan:
     """How to apply one in-place update to validated pairs of tensors.
 
     ``regions`` update values where they are (one kernel call per region), ``gathers`` copy
-    small scattered values into a buffer first, ``leaves`` are updated one by one (layouts the
-    kernels do not take), ``copies`` are copied (``regions_copied``: one ``copy_`` each).
+    runs of scattered values into a buffer first, ``leaves`` are updated one by one (complex
+    dtypes, which the kernels do not take), ``copies`` are copied (``regions_copied``: one
+    ``copy_`` each).
     """
 
     regions: list[_Region] = field(default_factory=list)
@@ -389,57 +504,144 @@ class Plan:
         return held[1]
 
 
-def _kernel_layout(tensor: Tensor) -> bool:
-    return tensor.is_contiguous() and not tensor.is_complex()
+class _Buffers:
+    """The gather buffers of one plan: one per (role, dtype, device), shared by its gathers.
+
+    Gathers run one after another, so each starts at offset 0 of the same buffer: the
+    buffer is as long as the largest gather, not as the sum.
+    """
+
+    def __init__(self) -> None:
+        self._sizes: dict[tuple[str, torch.dtype, torch.device], int] = {}
+        self._made: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def reserve(self, role: str, like: Tensor, numel: int) -> tuple[str, torch.dtype, torch.device]:
+        key = (role, like.dtype, like.device)
+        self._sizes[key] = max(self._sizes.get(key, 0), numel)
+        return key
+
+    def get(self, key: tuple[str, torch.dtype, torch.device]) -> Tensor:
+        buffer = self._made.get(key)
+        if buffer is None:
+            buffer = self._made[key] = torch.empty(self._sizes[key], dtype=key[1], device=key[2])
+        return buffer
 
 
-def _plan_group(plan: Plan, pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """Plan one (device, dtypes) group of non-empty pairs, in their given order."""
+def _runs(
+    pairs: list[tuple[Tensor, Tensor]], direct: Callable[[Tensor, Tensor], bool], chunk: int
+) -> Iterator[tuple[int, int, bool]]:
+    """Split ``pairs`` into ``(start, stop, direct)`` index runs.
+
+    A direct run is one pair updated where it is; the others are runs of gathered pairs of
+    at most ``chunk`` elements (or one larger pair).
+    """
+    start = total = 0
+    for index, (shadow, value) in enumerate(pairs):
+        if direct(shadow, value):
+            if start < index:
+                yield start, index, False
+            yield index, index + 1, True
+            start, total = index + 1, 0
+            continue
+        numel = value.numel()
+        if start < index and total + numel > chunk:
+            yield start, index, False
+            start, total = index, 0
+        total += numel
+    if start < len(pairs):
+        yield start, len(pairs), False
+
+
+def _plan_group(
+    plan: Plan, pairs: list[tuple[Tensor, Tensor]], buffers: _Buffers, strategy: str
+) -> Callable[[], None]:
+    """Plan one (device, dtypes) group of non-empty pairs, in their given order.
+
+    ``strategy``: ``"direct"``, ``"batched"`` or ``"whole"`` (one gather of every value: a
+    plan run once, by a pure update). Returns what makes the gathers' views once every group
+    has reserved its buffers.
+    """
     shadows = [s for s, _ in pairs]
     values = [v for _, v in pairs]
+    total = sum(s.numel() for s in shadows)
+    if strategy == "whole":
+        chunk = direct_from = total + 1
+        eager_chunk = batch_chunk(total)
+    elif strategy == "batched":
+        chunk = batch_chunk(total)
+        direct_from, eager_chunk = chunk, chunk
+    else:
+        chunk, direct_from, eager_chunk = CHUNK, GATHER_BELOW, None
     shadow_flat = flat_view(shadows)
     value_flat = flat_view(values) if shadow_flat is not None else None
     if shadow_flat is not None and value_flat is not None:
-        plan.regions.append(_Region(shadow_flat, value_flat))
-        return
-    if shadow_flat is None:  # averages laid out by the caller: each pair on its own
-        for shadow, value in pairs:
-            if _kernel_layout(shadow) and _kernel_layout(value):
-                plan.regions.append(_Region(shadow.view(-1), value.view(-1)))
-            else:
-                plan.leaves.append((shadow, value))
-        return
-    # One region of averages, scattered values: large contiguous values are updated where
-    # they are; runs of the others are gathered (at most CHUNK elements per buffer).
-    pending: list[Tensor] = []
-    pending_start = offset = 0
-    for value in values:
-        numel = value.numel()
-        direct = numel >= GATHER_BELOW and value.is_contiguous()
-        if pending and (direct or offset + numel - pending_start > CHUNK):
-            plan.gathers.append(_Gather.of(shadow_flat[pending_start:offset], pending))
-            pending = []
-        if direct:
-            plan.regions.append(_Region(shadow_flat[offset : offset + numel], value.view(-1)))
-        else:
-            if not pending:
-                pending_start = offset
-            pending.append(value)
-        offset += numel
-    if pending:
-        plan.gathers.append(_Gather.of(shadow_flat[pending_start:offset], pending))
+        plan.regions.append(_Region(shadow_flat, value_flat, eager_chunk))
+        return lambda: None
+
+    def direct(shadow: Tensor, value: Tensor) -> bool:
+        return (
+            value.numel() >= direct_from
+            and value.is_contiguous()
+            and (shadow_flat is not None or shadow.is_contiguous())
+        )
+
+    offsets = [0]
+    for s in shadows:
+        offsets.append(offsets[-1] + s.numel())
+    pending: list[tuple[int, int, tuple[str, torch.dtype, torch.device], object]] = []
+    for start, stop, is_direct in _runs(pairs, direct, chunk):
+        if is_direct:
+            shadow = (
+                shadow_flat[offsets[start] : offsets[stop]]
+                if shadow_flat is not None
+                else shadows[start].view(-1)
+            )
+            plan.regions.append(_Region(shadow, values[start].view(-1), eager_chunk))
+            continue
+        numel = offsets[stop] - offsets[start]
+        value_key = buffers.reserve("value", values[start], numel)
+        shadow_key = (
+            None if shadow_flat is not None else buffers.reserve("shadow", shadows[start], numel)
+        )
+        pending.append((start, stop, value_key, shadow_key))
+
+    def make() -> None:
+        for start, stop, value_key, shadow_key in pending:
+            numel = offsets[stop] - offsets[start]
+            value_buffer = buffers.get(value_key)[:numel]
+            targets = views_of(value_buffer, [v.shape for v in values[start:stop]], pad=True)
+            if shadow_key is None:
+                assert shadow_flat is not None
+                region = _Region(
+                    shadow_flat[offsets[start] : offsets[stop]], value_buffer, eager_chunk
+                )
+                plan.gathers.append(_Gather(values[start:stop], targets, region))
+                continue
+            shadow_buffer = buffers.get(shadow_key)[:numel]  # type: ignore[arg-type]
+            shadow_targets = views_of(shadow_buffer, [s.shape for s in shadows[start:stop]])
+            region = _Region(shadow_buffer, value_buffer, eager_chunk)
+            plan.gathers.append(
+                _Gather(values[start:stop], targets, region, shadows[start:stop], shadow_targets)
+            )
+
+    return make
 
 
 def build_plan(
-    averaged: Sequence[tuple[Tensor, Tensor]], copied: Sequence[tuple[Tensor, Tensor]]
+    averaged: Sequence[tuple[Tensor, Tensor]],
+    copied: Sequence[tuple[Tensor, Tensor]],
+    *,
+    whole: bool = False,
 ) -> Plan:
     """Group validated ``(shadow, value)`` pairs for :meth:`Plan.run`.
 
     ``averaged`` pairs are floating (TF-order update), ``copied`` pairs are copied. Pairs are
     grouped by (device, shadow dtype, value dtype) in their given order. A group whose
-    averages and values each form one region is one region; when only the averages do, large
-    values are regions of their own and runs of small ones are gathered; otherwise each
-    contiguous pair is a region and the rest are updated leaf by leaf.
+    averages and values each form one region is one region; otherwise the strategy for the
+    device (:func:`strategy_for`) picks the pairs updated where they are, and the rest are
+    gathered in runs (averages laid out by the caller are gathered too, and copied back).
+    ``whole``: every value of a group is gathered at once (a plan run once, by a pure
+    update: a few launches, whatever the device).
     """
     plan = Plan()
     groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
@@ -449,8 +651,13 @@ def build_plan(
         elif shadow.numel():
             key = (shadow.device, shadow.dtype, value.dtype)
             groups.setdefault(key, []).append((shadow, value))
-    for pairs in groups.values():
-        _plan_group(plan, pairs)
+    buffers = _Buffers()
+    makers = [
+        _plan_group(plan, pairs, buffers, "whole" if whole else strategy_for(key[0]))
+        for key, pairs in groups.items()
+    ]
+    for make in makers:
+        make()
     copy_groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
     for shadow, value in copied:
         key = (shadow.device, shadow.dtype, value.dtype)
@@ -464,3 +671,27 @@ def build_plan(
         plan.copies[0].extend(s for s, _ in pairs)
         plan.copies[1].extend(v for _, v in pairs)
     return plan
+
+
+def updated(
+    averaged: Sequence[tuple[Tensor, Tensor]],
+    copied: Sequence[tuple[Tensor, Tensor]],
+    weight_for: Callable[[torch.dtype], float | Tensor],
+    *,
+    mask: bool = False,
+    valid: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """A pure update: ``(new averages, new copies, flags)``, nothing given is written.
+
+    The averages are copied into one new buffer per (device, dtype) and updated there by a
+    plan that gathers every value of a group at once, so the call costs a few dispatched
+    operations per group, however many tensors (check :func:`pure_path_ok` first). The new
+    tensors are contiguous views of their group's buffer (the layout :func:`pack` gives).
+    ``copied`` pairs give copies of their values (as :func:`_arith.copy_leaf`). Same bits and
+    flags as :meth:`Plan.run`.
+    """
+    with torch.no_grad():
+        new = pack([s for s, _ in averaged])
+        plan = build_plan([(n, v) for n, (_, v) in zip(new, averaged, strict=True)], [], whole=True)
+        flags = plan.run(weight_for, mask=mask, valid=valid)
+        return new, pack([v for _, v in copied]), flags

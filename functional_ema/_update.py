@@ -21,10 +21,23 @@ from optree import PyTreeSpec
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, copy_leaf, is_inexact
-from functional_ema._core import WeightCache, check_policy, raise_if_nonfinite, split_by_kind
+from functional_ema._core import (
+    WeightCache,
+    check_policy,
+    raise_if_nonfinite,
+    split_by_kind,
+    updated_leaves,
+)
 from functional_ema._decay import check_interval, resolve_decay, steps_covered
 from functional_ema._dtensor import local_leaves, localize, rewrap
-from functional_ema._engine import Plan, all_finite, build_plan, fast_path_ok
+from functional_ema._engine import (
+    Plan,
+    all_finite,
+    build_plan,
+    fast_path_ok,
+    pack,
+    pure_path_ok,
+)
 from functional_ema._errors import check_choice, wrong_value
 from functional_ema._state import EmaState, check_state_structure
 from functional_ema._tree import check_pair
@@ -308,8 +321,36 @@ def _apply(
 def apply(
     bound: Bound, decay: Decay | Schedule, dt: int | Tensor = 1, nonfinite: NonFinite = "skip"
 ) -> EmaState:
-    """A new state: ``bound.state`` moved by one update (``bound.state`` is not modified)."""
-    return _apply(bound, decay, dt, nonfinite, inplace=False)
+    """A new state: ``bound.state`` moved by one update (``bound.state`` is not modified).
+
+    Through the engine (:func:`_engine.updated`: a few dispatched operations per dtype
+    group) where it applies, else leaf by leaf; same bits either way.
+    """
+    tensors = [*bound.shadow, *bound.values, *bound.held, *bound.current]
+    if "biased" in bound.state or not pure_path_ok(*tensors):
+        return _apply(bound, decay, dt, nonfinite, inplace=False)
+    state = bound.state
+    dt, weights = _check_call(bound, decay, dt, nonfinite)
+    mask = nonfinite == "skip"
+    with torch.no_grad():
+        shadow, flags = updated_leaves(bound.shadow, bound.values, weights, mask=mask)
+        if bound.buffer_spec is not None and bound.buffer_policy == "average":
+            held, buffer_flags = updated_leaves(bound.held, bound.current, weights, mask=mask)
+            flags += buffer_flags
+        elif bound.buffer_spec is not None:  # copied (``copy_leaf``: the values' dtypes)
+            held = pack(bound.current)
+        new: EmaState = {
+            "step": state["step"] + dt,
+            "params": optree.tree_unflatten(bound.spec, rewrap(bound.templates, shadow)),
+            "nonfinite_updates": _count_nonfinite(
+                state["nonfinite_updates"], flags, inplace=False, valid=weights.valid
+            ),
+        }
+        if bound.buffer_spec is not None:
+            new["buffers"] = optree.tree_unflatten(
+                bound.buffer_spec, rewrap(bound.buffer_templates, held)
+            )
+    return new
 
 
 def apply_(

@@ -155,10 +155,15 @@ def test_plans_pick_the_expected_paths() -> None:
     )
     assert [r.shadow.numel() for r in plan.regions] == [big]
     assert [g.shadow.numel() for g in plan.gathers] == [3, 4]
-    # Averages the caller laid out: each contiguous pair is a region, others leaf by leaf.
+    # Averages the caller laid out: small ones are gathered with their values and copied
+    # back (any strides); large contiguous pairs are regions where they are.
     separate = [(torch.randn(6), torch.randn(6)), (torch.randn(2, 3), torch.randn(3, 2).t())]
     plan = _engine.build_plan(separate, [])
-    assert (len(plan.regions), len(plan.leaves)) == (1, 1)
+    assert (len(plan.regions), len(plan.gathers), len(plan.leaves)) == (0, 1, 0)
+    assert plan.gathers[0].shadows is not None
+    large = [(torch.randn(big), torch.randn(big)), (torch.randn(2, 3).t(), torch.randn(3, 2))]
+    plan = _engine.build_plan(large, [])
+    assert (len(plan.regions), len(plan.gathers), len(plan.leaves)) == (1, 1, 0)
 
 
 @pytest.mark.parametrize("path", ["region", "gather", "leaves"])
