@@ -375,7 +375,7 @@ class EMA(nn.Module):
         return _Planned(
             bound,
             Fingerprint(self._model, slots[:split], ("modules", "parameters"), ("buffers",)),
-            Fingerprint(self._model, slots[split:], ("buffers",)),
+            self._buffers_fingerprint(slots[split:]),
         ), followed
 
     def _rebind_buffers(
@@ -391,9 +391,17 @@ class EMA(nn.Module):
         followed = self._followed_buffers(held, live)
         held.update(followed)
         bound = planned.bound.with_buffers(held, live)
-        return _Planned(bound, planned.params, Fingerprint(self._model, slots, ("buffers",))), (
-            followed
-        )
+        return _Planned(bound, planned.params, self._buffers_fingerprint(slots)), followed
+
+    def _buffers_fingerprint(self, slots: list[Tensor]) -> Fingerprint:
+        """The buffers' fingerprint: their objects, in the modules that hold buffers.
+
+        The parameters' fingerprint covers the module tree and every buffer name, so a
+        buffer added to another module shows there; this one walks only the modules that
+        hold buffers (none for a model of ``Linear`` layers).
+        """
+        holders = [m for m in self._model.modules() if m._buffers]
+        return Fingerprint(self._model, slots, ("buffers",), modules=holders)
 
     def _validated(self) -> Bound:
         """The validated update from the live model (planned again when anything moved)."""

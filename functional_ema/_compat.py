@@ -229,6 +229,7 @@ def _nested_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     by_ndim: dict[int, list[int]] = {}
     for index, shape in enumerate(shapes):
         by_ndim.setdefault(len(shape), []).append(index)
+    base = buffer.storage_offset()  # the nested tensor's offsets count from its storage's start
     offsets, offset = [], 0
     for shape in shapes:
         offsets.append(offset)
@@ -248,7 +249,9 @@ def _nested_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
             buffer,
             torch.tensor([list(shapes[i]) for i in indices], dtype=torch.int64),
             torch.tensor([_contiguous_strides(shapes[i]) for i in indices], dtype=torch.int64),
-            torch.frombuffer(array.array("q", [offsets[i] for i in indices]), dtype=torch.int64),
+            torch.frombuffer(
+                array.array("q", [base + offsets[i] for i in indices]), dtype=torch.int64
+            ),
         )
         for index, view in zip(indices, nested.unbind(), strict=True):
             out[index] = view

@@ -136,6 +136,7 @@ little to pay a build back."""
 
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 
 _local = threading.local()
 
@@ -150,9 +151,19 @@ def _always(device: torch.device) -> Tensor:
     return flag
 
 
+def _lazy(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a lazily negated or conjugated view (its memory is not its value)."""
+    return tensor.is_neg() or tensor.is_conj()
+
+
+def _dense(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is strided (not sparse): one pass in C."""
+    return set(map(_LAYOUT, tensors)) <= {torch.strided}
+
+
 def fast_path_ok(*tensors: Tensor) -> bool:
     """Whether the engine may work on these tensors (plain tensors, no transform, no trace)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or not _dense(tensors):
         return False
     return not any(
         type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors
@@ -165,7 +176,7 @@ def pure_path_ok(*tensors: Tensor) -> bool:
     Plain tensors, no transform, no trace, and no autograd graph to record: under grad mode
     a tensor that requires grad takes the per-leaf path, whose result is differentiable.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _dense(tensors):
         return False
     if any(type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors):
         return False
@@ -179,18 +190,19 @@ def all_finite(flags: list[Tensor]) -> Tensor:
     return torch.stack([flag.to(flags[0].device) for flag in flags]).all()
 
 
-def _rows(shadow: Tensor, value: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """``shadow`` and ``value`` (1-D, equal length) as kernel inputs.
+def _rows(shadow: Tensor, value: Tensor, out: Tensor | None = None) -> list[tuple[Tensor, ...]]:
+    """``shadow`` and ``value`` (1-D, equal length), and ``out`` if given, as kernel inputs.
 
     Full rows of ``ROW`` elements, then one row with the rest.
     """
     numel = shadow.numel()
     full = numel - numel % ROW
+    tensors = (shadow, value) if out is None else (shadow, value, out)
     blocks = []
     if full:
-        blocks.append((shadow[:full].view(-1, ROW), value[:full].view(-1, ROW)))
+        blocks.append(tuple(t[:full].view(-1, ROW) for t in tensors))
     if full < numel:
-        blocks.append((shadow[full:].view(1, -1), value[full:].view(1, -1)))
+        blocks.append(tuple(t[full:].view(1, -1) for t in tensors))
     return blocks
 
 
@@ -238,10 +250,13 @@ def _eager_region_(
     mask: bool,
     valid: Tensor | None = None,
     chunk: int | None = None,
+    out: Tensor | None = None,
 ) -> Tensor | None:
     """A region in place without the kernel: chunks through a scratch buffer.
 
-    ``chunk``: elements per chunk (the batched strategy's); by default cache-sized.
+    ``chunk``: elements per chunk (the batched strategy's); by default cache-sized. ``out``:
+    the new averages go there, ``shadow`` is only read (each chunk is copied into ``out``
+    and updated there while it is in the cache).
 
     The TF step and the masking of ``_arith``, written into per-thread scratch buffers: no
     allocation per update, no full-size temporary. With ``mask``, returns the 0-dim "all
@@ -258,6 +273,8 @@ def _eager_region_(
     for index, start in enumerate(range(0, numel, chunk)):
         stop = min(start + chunk, numel)
         s, t, v = shadow[start:stop], tmp[: stop - start], value[start:stop]
+        if out is not None:
+            s = out[start:stop].copy_(s)
         if flags is not None:
             ok = scratch(torch.bool, shadow.device, stop - start, slot="finite")
             v, finite = keep_finite(s, v, scratch=t, finite=ok)
@@ -282,7 +299,7 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     if not parts:
         return None
     first = parts[0]
-    if not all(map(Tensor.is_contiguous, parts)):
+    if not all(map(Tensor.is_contiguous, parts)) or any(map(_lazy, parts)):
         return None
     if len(parts) > 1 and (
         set(map(_DTYPE, parts)) != {first.dtype} or set(map(_DEVICE, parts)) != {first.device}
@@ -347,15 +364,17 @@ class _Region:
     """A contiguous 1-D run of averages and the values of the same length that update it.
 
     ``chunk``: the eager path's chunk (``None``: cache-sized, the direct strategy's).
+    ``out``: where the new averages go (a pure update); ``None`` updates ``shadow``.
     """
 
     shadow: Tensor
     value: Tensor
     chunk: int | None = None
-    blocks: list[tuple[Tensor, Tensor]] = field(init=False)
+    out: Tensor | None = None
+    blocks: list[tuple[Tensor, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.blocks = _rows(self.shadow, self.value)
+        self.blocks = _rows(self.shadow, self.value, self.out)
 
     def run(
         self, weight: float | Tensor, *, mask: bool, valid: Tensor | None = None
@@ -366,21 +385,24 @@ class _Region:
         """
         shadow, value = self.shadow, self.value
         kernel = None
+        into = self.out is not None
         if shadow.numel() >= KERNEL_FROM:
             build = shadow.numel() >= COMPILE_FROM
-            kernel = compiled.kernel(shadow, value, mask=mask, build=build)
+            kernel = compiled.kernel(shadow, value, mask=mask, build=build, into=into)
         if kernel is None:
-            flag = _eager_region_(shadow, value, weight, mask=mask, valid=valid, chunk=self.chunk)
+            flag = _eager_region_(
+                shadow, value, weight, mask=mask, valid=valid, chunk=self.chunk, out=self.out
+            )
             return [] if flag is None else [flag]
         w = weight
         if not isinstance(w, Tensor) or w.dtype != shadow.dtype or w.device != shadow.device:
             w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
         ok = _always(shadow.device) if valid is None else valid
         flags: list[Tensor] = []
-        for shadow_rows, value_rows in self.blocks:
-            out = kernel(shadow_rows, value_rows, w, ok)
+        for shadow_rows, value_rows, *out_rows in self.blocks:
+            found = kernel(shadow_rows, value_rows, w, ok, *out_rows)
             if mask:
-                flags.extend(out)
+                flags.extend(found)
         return flags
 
 
@@ -552,6 +574,26 @@ def _runs(
         yield start, len(pairs), False
 
 
+def _aliased(shadows: list[Tensor], shadow_flat: Tensor | None, values: list[Tensor]) -> bool:
+    """Whether two averages share memory, or a value shares an average's memory.
+
+    Then the group is updated leaf by leaf in order (a tied average is moved twice, a value
+    that is an average is read after its update), which a gather, updating every leaf from
+    the memory as it was, would not reproduce. Averages laid out by ``init`` are one region:
+    only the values' pointers are compared with its storage (C passes). Otherwise each
+    tensor's storage is looked up (the caller's layout, rarely many tensors).
+    """
+    if shadow_flat is not None:
+        storage = shadow_flat.untyped_storage()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
+        return any(start <= p < end for p in map(Tensor.data_ptr, values) if p)
+    held = [t.untyped_storage().data_ptr() for t in shadows if t.numel()]
+    if len(set(held)) < len(held):
+        return True
+    return not set(held).isdisjoint(t.untyped_storage().data_ptr() for t in values if t.numel())
+
+
 def _plan_group(
     plan: Plan, pairs: list[tuple[Tensor, Tensor]], buffers: _Buffers, strategy: str
 ) -> Callable[[], None]:
@@ -573,6 +615,9 @@ def _plan_group(
     else:
         chunk, direct_from, eager_chunk = CHUNK, GATHER_BELOW, None
     shadow_flat = flat_view(shadows)
+    if _aliased(shadows, shadow_flat, values):  # one leaf after another, as written
+        plan.leaves.extend(pairs)
+        return lambda: None
     value_flat = flat_view(values) if shadow_flat is not None else None
     if shadow_flat is not None and value_flat is not None:
         plan.regions.append(_Region(shadow_flat, value_flat, eager_chunk))
@@ -582,7 +627,8 @@ def _plan_group(
         return (
             value.numel() >= direct_from
             and value.is_contiguous()
-            and (shadow_flat is not None or shadow.is_contiguous())
+            and not _lazy(value)
+            and (shadow_flat is not None or (shadow.is_contiguous() and not _lazy(shadow)))
         )
 
     offsets = [0]
@@ -683,15 +729,82 @@ def updated(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """A pure update: ``(new averages, new copies, flags)``, nothing given is written.
 
-    The averages are copied into one new buffer per (device, dtype) and updated there by a
-    plan that gathers every value of a group at once, so the call costs a few dispatched
-    operations per group, however many tensors (check :func:`pure_path_ok` first). The new
-    tensors are contiguous views of their group's buffer (the layout :func:`pack` gives).
-    ``copied`` pairs give copies of their values (as :func:`_arith.copy_leaf`). Same bits and
-    flags as :meth:`Plan.run`.
+    Check :func:`pure_path_ok` first. Per (device, dtypes) group, by its strategy:
+
+    - batched: the averages are copied into one new buffer and updated there by a plan that
+      gathers every value at once: a few dispatched operations per group, however many
+      tensors (the new averages are contiguous views of that buffer, :func:`pack`'s layout);
+    - direct: each large contiguous pair gets a new tensor that one kernel call writes from
+      the average and the value (read once each: no copy first); the others are packed in
+      runs of at most ``CHUNK`` elements (so no buffer is large enough to be fresh memory
+      from the system, whose first touch costs more than the update) and updated there.
+
+    An average that is not contiguous (``channels_last``, transposed) gets a new tensor laid
+    out like it, leaf by leaf. ``copied`` pairs give copies of their values (as
+    :func:`_arith.copy_leaf`, strides kept). Same bits and flags as :meth:`Plan.run`. The new
+    tensors of a group share its buffers, as :func:`init`'s do (save the whole state, or
+    ``clone`` a leaf to keep it alone).
     """
     with torch.no_grad():
-        new = pack([s for s, _ in averaged])
-        plan = build_plan([(n, v) for n, (_, v) in zip(new, averaged, strict=True)], [], whole=True)
-        flags = plan.run(weight_for, mask=mask, valid=valid)
-        return new, pack([v for _, v in copied]), flags
+        new: list[Tensor | None] = [None] * len(averaged)
+        plans = [Plan()]
+        whole: list[tuple[Tensor, Tensor]] = []
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        flags: list[Tensor] = []
+        for index, (shadow, value) in enumerate(averaged):
+            if not shadow.is_contiguous():  # a new tensor laid out like it (channels_last...)
+                weight = weight_for(shadow.dtype)
+                new[index] = average_leaf(
+                    shadow,
+                    value,
+                    weight,
+                    inplace=False,
+                    finite_flags=flags if mask else None,
+                    valid=valid,
+                )
+                continue
+            groups.setdefault((shadow.device, shadow.dtype, value.dtype), []).append(index)
+
+        def packed(indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+            outs = pack([averaged[i][0] for i in indices])
+            for i, out in zip(indices, outs, strict=True):
+                new[i] = out
+            return [(out, averaged[i][1]) for i, out in zip(indices, outs, strict=True)]
+
+        for (device, dtype, _), indices in groups.items():
+            if strategy_for(device) == "batched" or dtype.is_complex:
+                whole += packed(indices)
+                continue
+            run: list[int] = []
+            size = 0
+            for i in indices:
+                shadow, value = averaged[i]
+                large = value.numel() >= GATHER_BELOW
+                if run and (large or size + value.numel() > CHUNK):
+                    plans.append(build_plan(packed(run), []))
+                    run, size = [], 0
+                if large and value.is_contiguous() and not (_lazy(value) or _lazy(shadow)):
+                    out = torch.empty(shadow.shape, dtype=dtype, device=device)
+                    new[i] = out
+                    plans[0].regions.append(
+                        _Region(shadow.view(-1), value.view(-1), out=out.view(-1))
+                    )
+                    continue
+                run.append(i)
+                size += value.numel()
+            if run:
+                plans.append(build_plan(packed(run), []))
+        if whole:
+            plans.append(build_plan(whole, [], whole=True))
+        for plan in plans:
+            flags += plan.run(weight_for, mask=mask, valid=valid)
+        return new, _copies([v for _, v in copied]), flags  # type: ignore[return-value]
+
+
+def _copies(values: list[Tensor]) -> list[Tensor]:
+    """Copies of ``values``: contiguous ones packed, others cloned (their strides kept)."""
+    contiguous = list(map(Tensor.is_contiguous, values))
+    if all(contiguous):
+        return pack(values)
+    packed = iter(pack(list(compress(values, contiguous))))
+    return [next(packed) if c else v.clone() for v, c in zip(values, contiguous, strict=True)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from torch import Tensor, nn
@@ -67,6 +67,8 @@ class Fingerprint:
         tensors: The tensors (module slot objects) whose storage and layout count.
         watched: Slot kinds whose objects count (by identity).
         named: Slot kinds whose names only count.
+        modules: The modules whose slots count (default: all of ``model``'s). A subset
+            suits a fingerprint whose other modules another one covers.
     """
 
     def __init__(
@@ -75,8 +77,9 @@ class Fingerprint:
         tensors: Sequence[Tensor] = (),
         watched: Sequence[str] = ("modules", "parameters", "buffers"),
         named: Sequence[str] = (),
+        modules: Sequence[nn.Module] | None = None,
     ) -> None:
-        self.modules = list(model.modules())
+        self.modules = list(model.modules()) if modules is None else list(modules)
         self.kinds = ([SLOTS[k] for k in watched], [SLOTS[k] for k in named])
         watched_dicts, named_dicts = self._dicts()
         every = watched_dicts + named_dicts
@@ -92,9 +95,10 @@ class Fingerprint:
 
     def _dicts(self) -> tuple[list[Any], list[Any]]:
         watched, named = self.kinds
+        modules = self.modules
         return (
-            [d for get in watched for d in map(get, self.modules)],
-            [d for get in named for d in map(get, self.modules)],
+            list(chain.from_iterable(map(map, watched, repeat(modules)))),
+            list(chain.from_iterable(map(map, named, repeat(modules)))),
         )
 
     def structure_holds(self) -> bool:

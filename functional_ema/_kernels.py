@@ -58,8 +58,8 @@ is still in the L1 cache, so the check costs no extra pass over memory."""
 EXIT_WAIT = 120.0
 """The most seconds the interpreter's exit waits for a running build."""
 
-Key = tuple[bool, bool, str, torch.dtype, torch.dtype]
-"""What a kernel is built for: (mask, bank, device type, average dtype, value dtype)."""
+Key = tuple[bool, bool, str, torch.dtype, torch.dtype, bool]
+"""What a kernel is built for: (mask, bank, device type, average dtype, value dtype, into)."""
 
 
 def update_rows(shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor) -> list[Tensor]:
@@ -91,6 +91,36 @@ def update_rows_masked(
     stepped = ema_step(shadow, kept, torch.where(row_ok, weight, weight), inplace=False)
     shadow.copy_(torch.where(valid, stepped, shadow))
     return [row_ok.all()]
+
+
+def update_rows_into(
+    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
+) -> list[Tensor]:
+    """:func:`update_rows` writing the new averages into ``out`` (a pure update)."""
+    out.copy_(torch.where(valid, ema_step(shadow, value, weight, inplace=False), shadow))
+    return [weight]
+
+
+def update_rows_masked_into(
+    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
+) -> list[Tensor]:
+    """:func:`update_rows_masked` writing the new averages into ``out`` (a pure update)."""
+    row_ok = torch.isfinite(
+        value.to(shadow.dtype).to(sum_dtype(shadow.dtype)).sum(dim=1, keepdim=True)
+    )
+    kept, _ = keep_finite(shadow, value)
+    stepped = ema_step(shadow, kept, torch.where(row_ok, weight, weight), inplace=False)
+    out.copy_(torch.where(valid, stepped, shadow))
+    return [row_ok.all()]
+
+
+_FUNCTIONS: dict[tuple[bool, bool], Kernel] = {
+    (False, False): update_rows,
+    (True, False): update_rows_masked,
+    (False, True): update_rows_into,
+    (True, True): update_rows_masked_into,
+}
+"""The function a kernel is compiled from, by (mask, into)."""
 
 
 class _Usage:
@@ -292,19 +322,28 @@ class Compiled:
             return self._changed.wait_for(lambda: not self._queued, timeout)
 
     def kernel(
-        self, shadow: Tensor, value: Tensor, *, mask: bool, bank: bool = False, build: bool = True
+        self,
+        shadow: Tensor,
+        value: Tensor,
+        *,
+        mask: bool,
+        bank: bool = False,
+        build: bool = True,
+        into: bool = False,
     ) -> Kernel | None:
         """The kernel for these tensors; ``None`` means: use the eager path.
 
         ``None`` when compiling is off, pending or failed for this key (or not built yet and
         ``build`` is false: too little work to start a build), or for a device without
-        Inductor. ``bank``: shapes ``(K, M)``, ``(1, M)`` and weights ``(K, 1)``.
+        Inductor. ``bank``: shapes ``(K, M)``, ``(1, M)`` and weights ``(K, 1)``. ``into``:
+        the kernel takes a fifth argument, ``out``, that receives the new averages
+        (``shadow`` is not written).
         Never compiles on the calling thread; waits for the key's build when
         :attr:`synchronous` or while torch's compiler is in use in the process.
         """
         if not self.enabled or shadow.device.type not in ("cpu", "cuda"):
             return None
-        key: Key = (mask, bank, shadow.device.type, shadow.dtype, value.dtype)
+        key: Key = (mask, bank, shadow.device.type, shadow.dtype, value.dtype, into)
         kernel = self._kernels.get(key)
         if kernel is not None or not build:
             return kernel
@@ -362,20 +401,22 @@ class Compiled:
 
     def _build(self, key: Key, device: torch.device) -> tuple[Kernel | None, str]:
         """Build ``key``'s kernel (on the build thread); ``(None, reason)`` on any failure."""
-        mask, bank, _, shadow_dtype, value_dtype = key
-        fn = update_rows_masked if mask else update_rows
+        mask, bank, _, shadow_dtype, value_dtype, into = key
+        fn = _FUNCTIONS[mask, into]
         # Shapes as the kernel will mostly see (Inductor tunes its loops to them).
         rows, columns = (4, 64 * ROW) if bank else (64, ROW)
         errors: list[str] = []
         warning_caused = False
         try:
             with _building(), torch.no_grad():
-                examples = (
+                examples: tuple[Tensor, ...] = (
                     torch.zeros(rows, columns, dtype=shadow_dtype, device=device),
                     torch.zeros(1 if bank else rows, columns, dtype=value_dtype, device=device),
                     torch.zeros((rows, 1) if bank else (), dtype=shadow_dtype, device=device),
                     torch.ones((), dtype=torch.bool, device=device),
                 )
+                if into:
+                    examples += (torch.zeros(rows, columns, dtype=shadow_dtype, device=device),)
                 for build in (standalone_compile, dynamo_compile):
                     if self._exiting:  # the interpreter exits (torch's atexit hooks ran)
                         break
@@ -395,7 +436,7 @@ class Compiled:
     @staticmethod
     def _warn(key: Key, reason: str) -> None:
         """Warn (on the build thread) that ``key`` fell back; never raises."""
-        _, _, device_type, shadow_dtype, value_dtype = key
+        _, _, device_type, shadow_dtype, value_dtype, _ = key
         try:
             warnings.warn(
                 f"functional_ema: compiling the update kernel for {shadow_dtype} averages of "

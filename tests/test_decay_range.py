@@ -250,6 +250,6 @@ def test_compiled_kernel_keeps_every_bit_when_the_device_check_fails(
     fe.update_(state, _values(), 0.5, _buffers())
     before = snapshot(state)
     fe.update_(state, _values(nonfinite=True), torch.tensor(1.5), _buffers())
-    assert (True, False, "cpu", torch.float32, torch.float32) in _engine.compiled.built
+    assert (True, False, "cpu", torch.float32, torch.float32, False) in _engine.compiled.built
     assert_bits_equal(state["params"], before["params"])
     assert int(state["nonfinite_updates"]) == 1

@@ -71,7 +71,14 @@ def test_compiled_engine_matches_tf(dtype_name: str, monkeypatch: pytest.MonkeyP
         _run_tf_case(dtype_name, case_name, scattered=False)
         _run_tf_case(dtype_name, case_name, scattered=True)
     assert not _kernels.compiled.fallbacks  # it compiled, and did not fall back
-    assert (True, False, "cpu", DTYPES[dtype_name], DTYPES[dtype_name]) in _kernels.compiled.built
+    assert (
+        True,
+        False,
+        "cpu",
+        DTYPES[dtype_name],
+        DTYPES[dtype_name],
+        False,
+    ) in _kernels.compiled.built
 
 
 def _broken(*args: object) -> None:
@@ -111,7 +118,7 @@ def test_kernel_failure_warns_once_and_keeps_the_bits(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_engine, "KERNEL_FROM", 0)
     with pytest.warns(RuntimeWarning, match=r"compiling the update kernel .* failed .*unavailable"):
         _run_tf_case("float32", "per_step_decay", scattered=False)
-    assert fresh.fallbacks == [(True, False, "cpu", torch.float32, torch.float32)]
+    assert fresh.fallbacks == [(True, False, "cpu", torch.float32, torch.float32, False)]
     assert "unavailable" in fresh.failures[fresh.fallbacks[0]]
     assert fresh.enabled  # other kernels are still built
 
@@ -335,3 +342,124 @@ def test_constant_weight_tensor_is_kept_between_updates() -> None:
     plan.run(lambda dtype: 0.5)
     plan.run(lambda dtype: 0.25)  # the weight changed between updates: the new one is used
     assert_bits_equal(shadow, (torch.zeros(2048) - (0 - 1.0) * 0.5) - ((0.5 - 1.0) * 0.25))
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "eager"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_pure_update_writes_new_tensors_with_tf_bits(
+    dtype_name: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fe.update`` through the engine: large pairs by the kernel writing a new tensor.
+
+    Thresholds forced down so the fixtures' leaves take every path: new tensors written
+    from the average and the value (``into`` kernels, or eager chunks), and runs of small
+    ones packed (at most ``CHUNK`` elements each). Neither input is written.
+    """
+    monkeypatch.setattr(_engine, "GATHER_BELOW", 4)
+    monkeypatch.setattr(_engine, "KERNEL_FROM", 4)
+    monkeypatch.setattr(_engine, "COMPILE_FROM", 4)
+    monkeypatch.setattr(_engine, "CHUNK", 7)
+    monkeypatch.setattr(_engine, "MIN_CHUNK", 7)
+    if kernels == "eager":
+        monkeypatch.setattr(_engine.compiled, "enabled", False)
+    else:
+        monkeypatch.setattr(_engine.compiled, "synchronous", True)
+    dtype = DTYPES[dtype_name]
+    for case_name in VARIABLE_CASES:
+        case = get_case(dtype_name, case_name)
+        state = fe.init(leaves_at(case, dtype, "init"))
+        for t in range(1, len(case["decay"]) + 1):
+            values = leaves_at(case, dtype, "values", t)
+            before = optree.tree_map(torch.clone, state)
+            new = fe.update(state, values, step_decay(case, t))
+            assert_bits_equal(fe.average(new), leaves_at(case, dtype, "average", t))
+            assert_bits_equal(state, before)  # the input state is not written
+            assert_bits_equal(values, leaves_at(case, dtype, "values", t))
+            state = new
+    if kernels == "compiled":
+        assert (True, False, "cpu", dtype, dtype, True) in _engine.compiled.built
+
+
+def test_pure_update_skips_nonfinite_and_range_like_the_in_place_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Masked values and a device-side out-of-range decay (forced here) in the pure path."""
+    monkeypatch.setattr(_engine, "GATHER_BELOW", 4)
+    params = {"big": torch.randn(300), "small": torch.randn(3), "int": torch.tensor(3)}
+    values = {k: v + 1 for k, v in params.items()}
+    values["big"][[5, 200]] = torch.tensor([float("nan"), float("inf")])
+    pure = fe.update(fe.init(params), values, 0.9)
+    in_place = fe.update_(fe.init(params), values, 0.9)
+    assert_bits_equal(pure, in_place)
+    assert int(pure["nonfinite_updates"]) == 1
+    assert pure["params"]["big"][5] == params["big"][5]
+
+
+@pytest.mark.parametrize("strategy", ["direct", "batched"])
+@pytest.mark.parametrize("size", [4, 70000])
+def test_tied_and_overlapping_averages_are_updated_in_order(strategy: str, size: int) -> None:
+    """Averages sharing memory, or a value that is an average: leaf after leaf, as written."""
+    with _engine.use_strategy(strategy):
+        w = torch.zeros(size)
+        tied = {"a": w, "b": torch.zeros(5), "c": w}
+        fe.ema_update_(
+            tied, {"a": torch.ones(size), "b": torch.ones(5), "c": torch.ones(size)}, 0.5
+        )
+        assert torch.all(w == 0.75)  # moved twice
+        buffer = torch.zeros(6)
+        overlapping = {"a": buffer[:4], "b": buffer[2:]}
+        fe.ema_update_(overlapping, {"a": torch.ones(4), "b": torch.ones(4)}, 0.5)
+        assert buffer.tolist() == [0.5, 0.5, 0.75, 0.75, 0.5, 0.5]
+        first, second = torch.zeros(3), torch.zeros(3)
+        fe.ema_update_({"a": first, "b": second}, {"a": torch.ones(3), "b": first}, 0.5)
+        assert second.tolist() == [0.25] * 3  # read after its own update
+        state = fe.init({"a": torch.zeros(3), "b": torch.zeros(3)})
+        fe.update_(state, {"a": torch.ones(3), "b": state["params"]["a"]}, 0.5)
+        assert state["params"]["b"].tolist() == [0.25] * 3
+
+
+def test_lazy_negated_and_conjugated_views_are_read_as_their_values() -> None:
+    c = torch.tensor([1 + 1j, 2 + 2j, 3 + 3j, 4 + 4j, 5 + 5j, 6 + 6j]).conj()
+    shadow = {"a": c[:2], "b": c[2:4], "c": c[4:]}
+    assert torch.equal(fe.init(shadow)["params"]["a"], c[:2].resolve_conj())
+    values = {k: v.resolve_conj().clone() for k, v in shadow.items()}
+    assert torch.equal(fe.ema_update(shadow, values, 0.5)["a"], c[:2].resolve_conj())
+    n = torch._neg_view(torch.arange(6.0))
+    negated = {"a": n[:2], "b": n[2:4], "c": n[4:]}
+    plain = {k: v.clone() for k, v in negated.items()}
+    expected = fe.ema_update(plain, plain, 0.5)
+    assert_bits_equal(fe.ema_update(negated, negated, 0.5), expected)
+    state = fe.init({k: torch.zeros(2) for k in negated})
+    fe.update_(state, negated, 0.0)
+    assert state["params"]["a"].tolist() == [0.0, -1.0]
+
+
+def test_pure_results_keep_the_averages_layout() -> None:
+    shadow = {
+        "w": torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last),
+        "t": torch.zeros(3, 5).t(),
+        "i": torch.zeros(2, 4, dtype=torch.int64).t(),
+    }
+    values = {k: torch.ones_like(v) for k, v in shadow.items()}
+    new = fe.ema_update(shadow, values, 0.9)
+    for name, leaf in new.items():
+        assert leaf.stride() == shadow[name].stride(), name
+
+
+def test_sparse_leaves_take_the_per_leaf_path() -> None:
+    shadow = {"s": torch.zeros(4).to_sparse(), "i": torch.zeros(4, dtype=torch.int64).to_sparse()}
+    values = {"s": torch.ones(4).to_sparse(), "i": torch.ones(4, dtype=torch.int64).to_sparse()}
+    new = fe.ema_update(shadow, values, 0.5, nonfinite="propagate")
+    assert new["s"].to_dense().tolist() == [0.5] * 4
+    assert new["i"].to_dense().tolist() == [1] * 4
+
+
+def test_views_of_a_buffer_with_a_storage_offset() -> None:
+    from functional_ema import _compat
+
+    storage = torch.arange(20.0)
+    buffer = storage[5:17]
+    shapes = [torch.Size(s) for s in ((2, 3), (), (4,), (1, 1))]
+    for pad in (False, True):
+        views = _compat.views_of(buffer, shapes, pad=pad)
+        assert [int(v.reshape(-1)[0]) for v in views] == [5, 11, 12, 16]

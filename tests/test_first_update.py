@@ -23,7 +23,7 @@ import functional_ema as fe
 from functional_ema import _engine, _kernels
 
 
-KEY = (True, False, "cpu", torch.float32, torch.float32)
+KEY = (True, False, "cpu", torch.float32, torch.float32, False)
 
 _SCRIPT = """
 import sys, time
