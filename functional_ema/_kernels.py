@@ -62,22 +62,25 @@ Key = tuple[bool, bool, str, torch.dtype, torch.dtype, bool]
 """What a kernel is built for: (mask, bank, device type, average dtype, value dtype, into)."""
 
 
-def update_rows(shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor) -> list[Tensor]:
-    """``shadow`` (R, C) moves towards ``value`` (R or 1, C) by ``weight`` (0-dim or (R, 1)).
+def update_rows_into(
+    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
+) -> list[Tensor]:
+    """``shadow`` (R, C) moved towards ``value`` (R or 1, C) by ``weight``, written to ``out``.
 
-    Where the 0-dim bool ``valid`` is false, every bit of ``shadow`` is kept (an update
-    whose decay or ``dt`` was found out of range on the device). Returns ``[weight]``,
-    ignored: with no output Inductor writes ``shadow`` in a second pass.
+    ``weight`` is 0-dim or (R, 1); ``out`` is shaped like ``shadow`` and may be ``shadow``
+    itself (the in-place update). Where the 0-dim bool ``valid`` is false, ``out`` gets
+    ``shadow``'s bits (an update whose decay or ``dt`` was found out of range on the
+    device). Returns ``[weight]``, ignored: with no output Inductor writes ``out`` in a
+    second pass.
     """
-    stepped = ema_step(shadow, value, weight, inplace=False)
-    shadow.copy_(torch.where(valid, stepped, shadow))
+    out.copy_(torch.where(valid, ema_step(shadow, value, weight, inplace=False), shadow))
     return [weight]
 
 
-def update_rows_masked(
-    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor
+def update_rows_masked_into(
+    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
 ) -> list[Tensor]:
-    """:func:`update_rows` leaving non-finite values out; returns the 0-dim "all finite" flag.
+    """:func:`update_rows_into` leaving non-finite values out; returns the "all finite" flag.
 
     A row's sum is finite exactly when its values are (or when the sum overflows, which
     reports a finite update as one with NaN/Inf). ``where(row_ok, weight, weight)`` is
@@ -89,29 +92,20 @@ def update_rows_masked(
     )
     kept, _ = keep_finite(shadow, value)
     stepped = ema_step(shadow, kept, torch.where(row_ok, weight, weight), inplace=False)
-    shadow.copy_(torch.where(valid, stepped, shadow))
-    return [row_ok.all()]
-
-
-def update_rows_into(
-    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
-) -> list[Tensor]:
-    """:func:`update_rows` writing the new averages into ``out`` (a pure update)."""
-    out.copy_(torch.where(valid, ema_step(shadow, value, weight, inplace=False), shadow))
-    return [weight]
-
-
-def update_rows_masked_into(
-    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
-) -> list[Tensor]:
-    """:func:`update_rows_masked` writing the new averages into ``out`` (a pure update)."""
-    row_ok = torch.isfinite(
-        value.to(shadow.dtype).to(sum_dtype(shadow.dtype)).sum(dim=1, keepdim=True)
-    )
-    kept, _ = keep_finite(shadow, value)
-    stepped = ema_step(shadow, kept, torch.where(row_ok, weight, weight), inplace=False)
     out.copy_(torch.where(valid, stepped, shadow))
     return [row_ok.all()]
+
+
+def update_rows(shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor) -> list[Tensor]:
+    """:func:`update_rows_into` in place (``out`` is ``shadow``)."""
+    return update_rows_into(shadow, value, weight, valid, shadow)
+
+
+def update_rows_masked(
+    shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor
+) -> list[Tensor]:
+    """:func:`update_rows_masked_into` in place (``out`` is ``shadow``)."""
+    return update_rows_masked_into(shadow, value, weight, valid, shadow)
 
 
 _FUNCTIONS: dict[tuple[bool, bool], Kernel] = {
