@@ -36,7 +36,8 @@ import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate, chain
 from typing import Any
 
 import torch
@@ -142,6 +143,13 @@ def is_functorch_wrapped(tensor: Tensor) -> bool:
     return bool(_IS_WRAPPED(tensor))
 
 
+def any_functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
+    """:func:`is_functorch_wrapped` of any of ``tensors`` (one pass in C)."""
+    if _IS_WRAPPED is None or (_forced_off and "functorch" in _forced_off):
+        return bool(tensors)
+    return any(map(_IS_WRAPPED, tensors))
+
+
 TensorCheck = Callable[[Sequence[Tensor]], bool]
 """Answers whether tensors still have the metadata some reference tensors had."""
 
@@ -219,51 +227,61 @@ def _python_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
 
 
 def _nested_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
-    """:func:`views_of` in two dispatched operations per number of dimensions.
+    """:func:`views_of` in a few dispatched operations per number of dimensions.
 
     A strided nested tensor over ``buffer`` (one per ndim: its components share one) whose
-    ``unbind`` makes every view in one C++ loop.
+    ``unbind`` makes every view in one C++ loop. The metadata is built in C passes (no
+    Python per view).
     """
     assert _NESTED_VIEW is not None
+    base = int(buffer.storage_offset())  # nested offsets count from the storage's start
+    offsets: list[int] = list(accumulate(map(torch.Size.numel, shapes), initial=base))
+    ndims = list(map(len, shapes))
+    if ndims and min(ndims) == max(ndims):  # one group: the common case (and with ``pad``)
+        groups: dict[int, list[int]] = {ndims[0]: list(range(len(shapes)))}
+    else:
+        groups = {}
+        for index, ndim in enumerate(ndims):
+            groups.setdefault(ndim, []).append(index)
     out: list[Tensor | None] = [None] * len(shapes)
-    by_ndim: dict[int, list[int]] = {}
-    for index, shape in enumerate(shapes):
-        by_ndim.setdefault(len(shape), []).append(index)
-    base = buffer.storage_offset()  # the nested tensor's offsets count from its storage's start
-    offsets, offset = [], 0
-    for shape in shapes:
-        offsets.append(offset)
-        offset += shape.numel()
-    for ndim, indices in by_ndim.items():
+    strides: dict[torch.Size, tuple[int, ...]] = {}
+    for ndim, indices in groups.items():
         if ndim == 0:  # a nested tensor needs a dimension: ``unbind`` runs of 0-dim views
             run: list[int] = []
             for index in [*indices, -1]:
                 if run and (index < 0 or offsets[index] != offsets[run[-1]] + 1):
-                    scalars = buffer[offsets[run[0]] : offsets[run[-1]] + 1].unbind()
-                    for at, view in zip(run, scalars, strict=True):
+                    start, stop = offsets[run[0]] - base, offsets[run[-1]] + 1 - base
+                    for at, view in zip(run, buffer[start:stop].unbind(), strict=True):
                         out[at] = view
                     run = []
                 run.append(index)
             continue
+        picked = [shapes[i] for i in indices]
+        for shape in set(picked):
+            strides[shape] = _contiguous_strides(shape)
         nested = _NESTED_VIEW(
             buffer,
-            torch.tensor([list(shapes[i]) for i in indices], dtype=torch.int64),
-            torch.tensor([_contiguous_strides(shapes[i]) for i in indices], dtype=torch.int64),
-            torch.frombuffer(
-                array.array("q", [base + offsets[i] for i in indices]), dtype=torch.int64
-            ),
+            _int64(chain.from_iterable(picked), ndim),
+            _int64(chain.from_iterable(map(strides.__getitem__, picked)), ndim),
+            _int64([offsets[i] for i in indices]),
         )
         for index, view in zip(indices, nested.unbind(), strict=True):
             out[index] = view
     return out  # type: ignore[return-value]
 
 
-def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+def _int64(values: Iterable[int], columns: int = 0) -> Tensor:
+    """A CPU int64 tensor of ``values`` (rows of ``columns``), without a dispatched copy."""
+    flat = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+    return flat.view(-1, columns) if columns else flat
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
         step *= max(size, 1)
-    return strides[::-1]
+    return tuple(strides[::-1])
 
 
 def _nested_views_work() -> bool:
@@ -297,7 +315,8 @@ def views_of(buffer: Tensor, shapes: Sequence[torch.Size], *, pad: bool = False)
     if len(shapes) > 2 and buffer.numel() and available("nested_views"):
         if pad:
             ndim = max(1, *map(len, shapes))
-            shapes = [torch.Size((1,) * (ndim - len(s)) + tuple(s)) for s in shapes]
+            padded = {s: torch.Size((1,) * (ndim - len(s)) + tuple(s)) for s in set(shapes)}
+            shapes = list(map(padded.__getitem__, shapes))
         try:
             return _nested_views(buffer, shapes)
         except (RuntimeError, TypeError, ValueError):  # e.g. a device nested tensors lack

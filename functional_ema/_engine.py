@@ -37,16 +37,17 @@ import contextvars
 import operator
 import os
 import threading
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import accumulate, compress, repeat
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, ema_step, keep_finite
-from functional_ema._compat import foreach_copy_, is_functorch_wrapped, views_of
+from functional_ema._compat import any_functorch_wrapped, foreach_copy_, views_of
 from functional_ema._kernels import ROW, compiled
 
 
@@ -137,6 +138,7 @@ little to pay a build back."""
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 _local = threading.local()
 
@@ -156,6 +158,18 @@ def _lazy(tensor: Tensor) -> bool:
     return tensor.is_neg() or tensor.is_conj()
 
 
+def _any_lazy(tensors: Sequence[Tensor]) -> bool:
+    """Whether any tensor is a lazy view (:func:`_lazy`): two passes in C."""
+    return any(map(Tensor.is_neg, tensors)) or any(map(Tensor.is_conj, tensors))
+
+
+def _plain(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is a plain tensor or ``Parameter``, not wrapped by a transform."""
+    if not set(map(type, tensors)) <= {Tensor, torch.nn.Parameter}:
+        return False
+    return not any_functorch_wrapped(tensors)
+
+
 def _dense(tensors: Sequence[Tensor]) -> bool:
     """Whether every tensor is strided (not sparse): one pass in C."""
     return set(map(_LAYOUT, tensors)) <= {torch.strided}
@@ -165,9 +179,7 @@ def fast_path_ok(*tensors: Tensor) -> bool:
     """Whether the engine may work on these tensors (plain tensors, no transform, no trace)."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or not _dense(tensors):
         return False
-    return not any(
-        type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors
-    )
+    return _plain(tensors)
 
 
 def pure_path_ok(*tensors: Tensor) -> bool:
@@ -176,11 +188,9 @@ def pure_path_ok(*tensors: Tensor) -> bool:
     Plain tensors, no transform, no trace, and no autograd graph to record: under grad mode
     a tensor that requires grad takes the per-leaf path, whose result is differentiable.
     """
-    if torch.compiler.is_compiling() or not _dense(tensors):
+    if torch.compiler.is_compiling() or not _dense(tensors) or not _plain(tensors):
         return False
-    if any(type(t) not in (Tensor, torch.nn.Parameter) or is_functorch_wrapped(t) for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)))
 
 
 def all_finite(flags: list[Tensor]) -> Tensor:
@@ -218,8 +228,9 @@ def update_bank_leaf_(
     """
     if not (shadow.is_contiguous() and value.is_contiguous()) or shadow.is_complex():
         return None
-    if shadow.numel() < KERNEL_FROM:
+    if _lazy(shadow) or _lazy(value):
         return None
+    # Any size once built: a call costs less than the per-leaf path's operations.
     build = shadow.numel() >= COMPILE_FROM
     kernel = compiled.kernel(shadow, value, mask=mask, bank=True, build=build)
     if kernel is None:
@@ -299,16 +310,17 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     if not parts:
         return None
     first = parts[0]
-    if not all(map(Tensor.is_contiguous, parts)) or any(map(_lazy, parts)):
-        return None
-    if len(parts) > 1 and (
-        set(map(_DTYPE, parts)) != {first.dtype} or set(map(_DEVICE, parts)) != {first.device}
-    ):
-        return None
+    # Adjacency first: it rules out scattered tensors at the cost of two passes.
     starts = list(map(Tensor.data_ptr, parts))
     sizes = list(map(Tensor.numel, parts))
     ends = list(map(operator.add, starts, map(operator.mul, sizes, repeat(first.itemsize))))
     if starts[1:] != ends[:-1]:
+        return None
+    if not all(map(Tensor.is_contiguous, parts)) or _any_lazy(parts):
+        return None
+    if len(parts) > 1 and (
+        set(map(_DTYPE, parts)) != {first.dtype} or set(map(_DEVICE, parts)) != {first.device}
+    ):
         return None
     storage = first.untyped_storage()
     if ends[-1] > storage.data_ptr() + storage.nbytes():  # adjacent, yet in another buffer
@@ -550,28 +562,33 @@ class _Buffers:
 
 
 def _runs(
-    pairs: list[tuple[Tensor, Tensor]], direct: Callable[[Tensor, Tensor], bool], chunk: int
+    pairs: list[tuple[Tensor, Tensor]],
+    direct: Callable[[Tensor, Tensor], bool],
+    direct_from: int,
+    chunk: int,
 ) -> Iterator[tuple[int, int, bool]]:
     """Split ``pairs`` into ``(start, stop, direct)`` index runs.
 
-    A direct run is one pair updated where it is; the others are runs of gathered pairs of
-    at most ``chunk`` elements (or one larger pair).
+    A direct run is one pair of at least ``direct_from`` elements that ``direct`` accepts,
+    updated where it is; the others are runs of gathered pairs of at most ``chunk`` elements
+    (or one larger pair). Sizes are read in C passes and runs found by bisection: no Python
+    per pair.
     """
-    start = total = 0
-    for index, (shadow, value) in enumerate(pairs):
-        if direct(shadow, value):
-            if start < index:
-                yield start, index, False
-            yield index, index + 1, True
-            start, total = index + 1, 0
-            continue
-        numel = value.numel()
-        if start < index and total + numel > chunk:
-            yield start, index, False
-            start, total = index, 0
-        total += numel
-    if start < len(pairs):
-        yield start, len(pairs), False
+    numels = list(map(Tensor.numel, (v for _, v in pairs)))
+    candidates = [i for i, n in enumerate(numels) if n >= direct_from]
+    directs = [i for i in candidates if direct(*pairs[i])]
+    bounds = list(accumulate(numels, initial=0))
+    start = 0
+    for stop in [*directs, len(pairs)]:
+        index = start
+        while index < stop:
+            end = bisect_right(bounds, bounds[index] + chunk, index + 1, stop + 1) - 1
+            end = max(end, index + 1)
+            yield index, end, False
+            index = end
+        if stop < len(pairs):
+            yield stop, stop + 1, True
+        start = stop + 1
 
 
 def _aliased(shadows: list[Tensor], shadow_flat: Tensor | None, values: list[Tensor]) -> bool:
@@ -587,7 +604,9 @@ def _aliased(shadows: list[Tensor], shadow_flat: Tensor | None, values: list[Ten
         storage = shadow_flat.untyped_storage()
         start = storage.data_ptr()
         end = start + storage.nbytes()
-        return any(start <= p < end for p in map(Tensor.data_ptr, values) if p)
+        pointers = sorted(map(Tensor.data_ptr, values))
+        at = bisect_left(pointers, start)
+        return at < len(pointers) and pointers[at] < end
     held = [t.untyped_storage().data_ptr() for t in shadows if t.numel()]
     if len(set(held)) < len(held):
         return True
@@ -625,8 +644,7 @@ def _plan_group(
 
     def direct(shadow: Tensor, value: Tensor) -> bool:
         return (
-            value.numel() >= direct_from
-            and value.is_contiguous()
+            value.is_contiguous()
             and not _lazy(value)
             and (shadow_flat is not None or (shadow.is_contiguous() and not _lazy(shadow)))
         )
@@ -635,7 +653,7 @@ def _plan_group(
     for s in shadows:
         offsets.append(offsets[-1] + s.numel())
     pending: list[tuple[int, int, tuple[str, torch.dtype, torch.device], object]] = []
-    for start, stop, is_direct in _runs(pairs, direct, chunk):
+    for start, stop, is_direct in _runs(pairs, direct, direct_from, chunk):
         if is_direct:
             shadow = (
                 shadow_flat[offsets[start] : offsets[stop]]
