@@ -40,7 +40,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, compress, pairwise, repeat
 from typing import Any
 
 import torch
@@ -209,6 +209,8 @@ def _rows(shadow: Tensor, value: Tensor, out: Tensor | None = None) -> list[tupl
     full = numel - numel % ROW
     tensors = (shadow, value) if out is None else (shadow, value, out)
     blocks = []
+    if full == numel and full:  # whole rows: no slice
+        return [tuple(t.view(-1, ROW) for t in tensors)]
     if full:
         blocks.append(tuple(t[:full].view(-1, ROW) for t in tensors))
     if full < numel:
@@ -591,36 +593,68 @@ def _runs(
         start = stop + 1
 
 
-def _aliased(shadows: list[Tensor], shadow_flat: Tensor | None, values: list[Tensor]) -> bool:
-    """Whether two averages share memory, or a value shares an average's memory.
+def _span(tensor: Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that ``tensor`` reads (strides are never negative)."""
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
+    last = sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return start, start + (last + 1) * tensor.element_size()
 
-    Then the group is updated leaf by leaf in order (a tied average is moved twice, a value
-    that is an average is read after its update), which a gather, updating every leaf from
-    the memory as it was, would not reproduce. Averages laid out by ``init`` are one region:
-    only the values' pointers are compared with its storage (C passes). Otherwise each
-    tensor's storage is looked up (the caller's layout, rarely many tensors).
+
+def _aliased(groups: Sequence[tuple[list[Tensor], Tensor | None]], values: list[Tensor]) -> bool:
+    """Whether two averages overlap in memory, or a value overlaps an average.
+
+    ``groups``: each group's averages and their region (``None``: laid out by the caller).
+    Then the update goes leaf by leaf in the order written (a tied average is moved twice, a
+    value that is an average is read after its update), which no gather or grouping would
+    reproduce. A region counts as one span of memory; the values' spans are read in C passes
+    and compared by bisection (no Python per value but the non-contiguous ones).
     """
-    if shadow_flat is not None:
-        storage = shadow_flat.untyped_storage()
-        start = storage.data_ptr()
-        end = start + storage.nbytes()
-        pointers = sorted(map(Tensor.data_ptr, values))
-        at = bisect_left(pointers, start)
-        return at < len(pointers) and pointers[at] < end
-    held = [t.untyped_storage().data_ptr() for t in shadows if t.numel()]
-    if len(set(held)) < len(held):
+    spans = []
+    for shadows, region in groups:
+        if region is not None:
+            spans.append(_span(region))
+        else:
+            spans += [_span(t) for t in shadows if t.numel()]
+    spans.sort()
+    if any(later[0] < earlier[1] for earlier, later in pairwise(spans)):
         return True
-    return not set(held).isdisjoint(t.untyped_storage().data_ptr() for t in values if t.numel())
+    values = [v for v in values if v.numel()]
+    if not values or not spans:
+        return False
+    starts = list(map(Tensor.data_ptr, values))
+    sizes = map(operator.mul, map(Tensor.numel, values), map(Tensor.element_size, values))
+    ends = list(map(operator.add, starts, sizes))
+    for index in compress(
+        range(len(values)), map(operator.not_, map(Tensor.is_contiguous, values))
+    ):
+        ends[index] = _span(values[index])[1]
+    ordered = sorted(zip(starts, ends, strict=True))
+    value_starts = list(map(operator.itemgetter(0), ordered))
+    reach = list(accumulate(map(operator.itemgetter(1), ordered), max))  # furthest end so far
+    for start, end in spans:  # a value starting before ``end`` and reaching past ``start``
+        before = bisect_left(value_starts, end)
+        if before and reach[before - 1] > start:
+            return True
+    return False
 
 
 def _plan_group(
-    plan: Plan, pairs: list[tuple[Tensor, Tensor]], buffers: _Buffers, strategy: str
+    plan: Plan,
+    pairs: list[tuple[Tensor, Tensor]],
+    shadow_flat: Tensor | None,
+    buffers: _Buffers,
+    strategy: str,
 ) -> Callable[[], None]:
     """Plan one (device, dtypes) group of non-empty pairs, in their given order.
 
-    ``strategy``: ``"direct"``, ``"batched"`` or ``"whole"`` (one gather of every value: a
-    plan run once, by a pure update). Returns what makes the gathers' views once every group
-    has reserved its buffers.
+    ``shadow_flat``: the averages' region (``None``: laid out by the caller). ``strategy``:
+    ``"direct"``, ``"batched"`` or ``"whole"`` (one gather of every value: a plan run once,
+    by a pure update). Returns what makes the gathers' views once every group has reserved
+    its buffers.
     """
     shadows = [s for s, _ in pairs]
     values = [v for _, v in pairs]
@@ -633,8 +667,7 @@ def _plan_group(
         direct_from, eager_chunk = chunk, chunk
     else:
         chunk, direct_from, eager_chunk = CHUNK, GATHER_BELOW, None
-    shadow_flat = flat_view(shadows)
-    if _aliased(shadows, shadow_flat, values):  # one leaf after another, as written
+    if shadow_flat is None and _any_lazy(shadows):  # lazy views cannot be copied back into
         plan.leaves.extend(pairs)
         return lambda: None
     value_flat = flat_view(values) if shadow_flat is not None else None
@@ -715,9 +748,15 @@ def build_plan(
         elif shadow.numel():
             key = (shadow.device, shadow.dtype, value.dtype)
             groups.setdefault(key, []).append((shadow, value))
+    regions = {key: flat_view([s for s, _ in pairs]) for key, pairs in groups.items()}
+    spans = [([s for s, _ in pairs], regions[key]) for key, pairs in groups.items()]
+    spans.append(([s for s, _ in plan.leaves], None))
+    if _aliased(spans, [v for _, v in averaged]):  # one leaf after another, as written
+        plan.leaves = list(averaged)
+        groups = {}
     buffers = _Buffers()
     makers = [
-        _plan_group(plan, pairs, buffers, "whole" if whole else strategy_for(key[0]))
+        _plan_group(plan, pairs, regions[key], buffers, "whole" if whole else strategy_for(key[0]))
         for key, pairs in groups.items()
     ]
     for make in makers:
@@ -816,10 +855,10 @@ def updated(
             plans.append(build_plan(whole, [], whole=True))
         for plan in plans:
             flags += plan.run(weight_for, mask=mask, valid=valid)
-        return new, _copies([v for _, v in copied]), flags  # type: ignore[return-value]
+        return new, copies([v for _, v in copied]), flags  # type: ignore[return-value]
 
 
-def _copies(values: list[Tensor]) -> list[Tensor]:
+def copies(values: list[Tensor]) -> list[Tensor]:
     """Copies of ``values``: contiguous ones packed, others cloned (their strides kept)."""
     contiguous = list(map(Tensor.is_contiguous, values))
     if all(contiguous):

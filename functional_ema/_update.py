@@ -34,8 +34,8 @@ from functional_ema._engine import (
     Plan,
     all_finite,
     build_plan,
+    copies,
     fast_path_ok,
-    pack,
     pure_path_ok,
 )
 from functional_ema._errors import check_choice, wrong_value
@@ -338,7 +338,7 @@ def apply(
             held, buffer_flags = updated_leaves(bound.held, bound.current, weights, mask=mask)
             flags += buffer_flags
         elif bound.buffer_spec is not None:  # copied (``copy_leaf``: the values' dtypes)
-            held = pack(bound.current)
+            held = copies(bound.current)
         new: EmaState = {
             "step": state["step"] + dt,
             "params": optree.tree_unflatten(bound.spec, rewrap(bound.templates, shadow)),

@@ -463,3 +463,61 @@ def test_views_of_a_buffer_with_a_storage_offset() -> None:
     for pad in (False, True):
         views = _compat.views_of(buffer, shapes, pad=pad)
         assert [int(v.reshape(-1)[0]) for v in views] == [5, 11, 12, 16]
+
+
+def _leaf_by_leaf(shadow: dict, values: dict, decay: float) -> dict:
+    """The per-leaf in-place path (what the engine must reproduce), on clones."""
+    with torch.no_grad():
+        for name in shadow:  # dict order, as the engine visits the leaves
+            s, v = shadow[name], values[name]
+            w = torch.tensor(1.0, dtype=torch.float32) - torch.tensor(decay, dtype=torch.float32)
+            s.sub_(
+                (s - v.to(s.dtype) if v.dtype.itemsize > s.dtype.itemsize else s - v)
+                * w.to(s.dtype)
+            )
+    return shadow
+
+
+@pytest.mark.parametrize("size", [10, 70000])
+def test_aliasing_across_dtype_groups_keeps_the_written_order(size: int) -> None:
+    """A value that is an average of another dtype group, and a tie across groups."""
+    base = torch.randn(2, size)
+    shadow = {"a": base[0].clone(), "b": base[1].clone()}
+    values = {"a": shadow["b"], "b": torch.randn(size).bfloat16()}
+    expected = _leaf_by_leaf(
+        {k: v.clone() for k, v in shadow.items()}, {"a": shadow["b"].clone(), "b": values["b"]}, 0.9
+    )
+    fe.ema_update_(shadow, values, 0.9)
+    assert_bits_equal(shadow, expected)
+    tied = torch.randn(size)
+    shadow = {"a": tied, "b": tied, "c": tied}
+    values = {
+        "a": torch.randn(size).bfloat16(),
+        "b": torch.randn(size).bfloat16(),
+        "c": torch.randn(size),
+    }
+    reference = tied.clone()
+    for name in "abc":
+        _leaf_by_leaf({"x": reference}, {"x": values[name]}, 0.9)
+    fe.ema_update_(shadow, values, 0.9)
+    assert torch.equal(tied, reference)
+
+
+def test_a_lazily_negated_average_is_updated_without_a_partial_write() -> None:
+    negated = torch._neg_view(torch.randn(5))
+    shadow = {"a": torch.randn(70000), "b": negated}
+    values = {"a": torch.randn(70000), "b": torch.randn(5)}
+    expected = _leaf_by_leaf({k: v.clone() for k, v in shadow.items()}, values, 0.9)
+    fe.ema_update_(shadow, values, 0.9)
+    assert_bits_equal({k: v.resolve_neg() for k, v in shadow.items()}, expected)
+
+
+def test_pure_update_keeps_the_strides_of_copied_buffers() -> None:
+    params = {"w": torch.randn(3)}
+    buffers = {"t": torch.zeros(4, 3).t(), "n": torch.zeros(3, 2, dtype=torch.int64).t()}
+    state = fe.init(params, buffers)
+    live = {"t": torch.ones(4, 3).t(), "n": torch.ones(3, 2, dtype=torch.int64).t()}
+    new = fe.update(state, params, 0.9, live)
+    for name, leaf in new["buffers"].items():
+        assert leaf.stride() == live[name].stride(), name
+        assert torch.equal(leaf, live[name])
