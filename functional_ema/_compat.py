@@ -36,6 +36,7 @@ import contextlib
 import functools
 import importlib
 import sys
+import types
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, chain
 from typing import Any
@@ -395,16 +396,35 @@ def compile_count() -> int | None:
 def dynamo_compile(fn: Kernel, examples: tuple[Tensor, ...]) -> Kernel:
     """``torch.compile`` of ``fn``, rounding like eager, compiled now on ``examples``.
 
+    Each build compiles a copy of ``fn`` with its own code object: Dynamo keeps its compiled
+    graphs per code object, so kernels built for several dtypes would otherwise share (and
+    exhaust) one recompile limit. A call that Dynamo cannot serve any more (e.g. a shape
+    past the recompile limit raises under ``fullgraph=True``) runs ``fn`` eagerly instead,
+    the same operations, so the same bits, and every later call too.
+
     Raises:
         RuntimeError: When Inductor cannot round like eager here (the caller falls back).
     """
     if not available("precision_casts"):
         raise RuntimeError("Inductor's emulate_precision_casts is not available")
+    own = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
     compiled = torch.compile(
-        fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+        own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
     )
     compiled(*examples)
-    return compiled
+    broken: list[BaseException] = []
+
+    def kernel(*args: Tensor) -> list[Tensor]:
+        if not broken:
+            try:
+                return compiled(*args)
+            except Exception as error:  # raised before the graph ran: nothing written
+                broken.append(error)
+        return fn(*args)
+
+    return kernel
 
 
 def fsdp_unsharded(module: nn.Module) -> bool | None:

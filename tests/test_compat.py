@@ -142,3 +142,37 @@ def test_without_compile_lock_builds_take_no_lock(fresh: _kernels.Compiled) -> N
             got = _scattered_update()
     assert fresh.built and not fresh.fallbacks
     assert_bits_equal(got, expected)
+
+
+def test_torch_compiled_kernels_own_their_code_and_fall_back_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each build compiles its own code object (Dynamo's graphs are kept per code object: a
+    shared one would collect every dtype's graphs and hit the recompile limit); a call Dynamo
+    refuses runs the function eagerly, the same operations."""
+    compiled_functions = []
+
+    def fake_compile(fn, **_):  # type: ignore[no-untyped-def]
+        compiled_functions.append(fn)
+        calls = []
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            calls.append(args)
+            if len(calls) > 1:
+                raise RuntimeError("recompile limit")  # what fullgraph=True raises
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rows = (torch.randn(2, 8), torch.randn(2, 8), torch.tensor(0.5), torch.tensor(True))
+    kernel = _compat.dynamo_compile(_kernels.update_rows_masked, rows)  # compiles, runs once
+    other = _compat.dynamo_compile(_kernels.update_rows_masked, rows)
+    assert compiled_functions[0].__code__ is not _kernels.update_rows_masked.__code__
+    assert compiled_functions[0].__code__ is not compiled_functions[1].__code__
+    shadow, value = torch.randn(3, 8), torch.randn(3, 8)
+    expected = shadow.clone()
+    _kernels.update_rows_masked(expected, value, rows[2], rows[3])
+    flags = kernel(shadow, value, rows[2], rows[3])  # refused: eager
+    assert torch.equal(shadow, expected) and bool(flags[0])
+    assert other is not kernel
