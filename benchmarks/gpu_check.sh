@@ -30,7 +30,28 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 
-bash "$here/setup_env.sh"
+# The interpreter: GPU_CHECK_PYTHON if set; else benchmarks/.venv (made or checked by
+# setup_env.sh) where it exists; else, on a machine without package registries whose python3
+# already holds a CUDA torch (the lent GPU machines), that python3, with any wheels carried
+# in .whl/ (optree, which such an image lacks) installed into /tmp/site first.
 cd "$root"
-PYTHONPATH="$root:$here${PYTHONPATH:+:$PYTHONPATH}" exec "$here/.venv/bin/python" \
-    "$here/gpu_check.py" "$@"
+if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
+    python="$GPU_CHECK_PYTHON"
+elif [ ! -x "$here/.venv/bin/python" ] \
+    && python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    python=python3
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    if ! python3 -c "import optree" 2>/dev/null; then
+        echo "gpu_check: python3 has torch but not optree: carry its wheel in .whl/" \
+            "(see benchmarks/README.md, 'On a machine without package registries')." >&2
+        exit 2
+    fi
+else
+    bash "$here/setup_env.sh"
+    python="$here/.venv/bin/python"
+fi
+PYTHONPATH="$root:$here${PYTHONPATH:+:$PYTHONPATH}" exec "$python" "$here/gpu_check.py" "$@"
