@@ -59,6 +59,9 @@ buffer."""
 
 MIN_CHUNK = 1 << 15
 
+BUSY_CHUNK = 1 << 22
+"""The eager path's chunk while a kernel builds in the background (see ``_eager_region_``)."""
+
 GATHER_BELOW = 1 << 16
 """Direct strategy: values smaller than this (in elements) that are not laid out like their
 averages are copied into a gather buffer (one multi-tensor copy per run) and updated there as
@@ -277,9 +280,22 @@ def _eager_region_(
     against its old bits (one chunk-sized temporary), so a false ``valid`` keeps them all.
     """
     numel = shadow.numel()
+    busy = False
     if chunk is None:
+        # While a kernel builds on another thread, every operation here gives the GIL away
+        # and waits to get it back: fewer, larger operations then (up to BUSY_CHUNK, in
+        # temporaries freed after the call rather than in the kept scratch buffers).
         chunk = max(MIN_CHUNK, min(CHUNK, numel // 32))
-    tmp = scratch(shadow.dtype, shadow.device, min(numel, chunk))
+        if chunk < numel and compiled.building():
+            chunk, busy = max(chunk, min(numel, BUSY_CHUNK)), True
+
+    def buffer(dtype: torch.dtype, size: int, slot: str) -> Tensor:
+        if busy:
+            return torch.empty(size, dtype=dtype, device=shadow.device)
+        return scratch(dtype, shadow.device, size, slot=slot)
+
+    tmp = buffer(shadow.dtype, min(numel, chunk), "tmp")
+    ok_buffer = buffer(torch.bool, min(numel, chunk), "finite") if mask else None
     flags = (
         torch.empty(-(-numel // chunk), dtype=torch.bool, device=shadow.device) if mask else None
     )
@@ -288,9 +304,8 @@ def _eager_region_(
         s, t, v = shadow[start:stop], tmp[: stop - start], value[start:stop]
         if out is not None:
             s = out[start:stop].copy_(s)
-        if flags is not None:
-            ok = scratch(torch.bool, shadow.device, stop - start, slot="finite")
-            v, finite = keep_finite(s, v, scratch=t, finite=ok)
+        if flags is not None and ok_buffer is not None:
+            v, finite = keep_finite(s, v, scratch=t, finite=ok_buffer[: stop - start])
             torch.all(finite, out=flags[index])
         if valid is None:
             ema_step(s, v, weight, inplace=True, scratch=t)

@@ -297,6 +297,10 @@ class Compiled:
         with self._lock:
             return list(self._kernels)
 
+    def building(self) -> bool:
+        """Whether a build is queued or running (read without the lock: a hint)."""
+        return bool(self._queued)
+
     @property
     def pending(self) -> list[Key]:
         """The keys queued or being built."""

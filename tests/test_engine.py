@@ -209,6 +209,7 @@ class _Allocations(TorchDispatchMode):
 
 
 def test_inplace_update_allocates_no_full_size_temporary(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _engine.compiled.wait(timeout=600)  # no build running: cache-sized chunks
     monkeypatch.setattr(_engine.compiled, "enabled", False)
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).to(torch.bfloat16)
     ema = fe.EMA(model, 0.999, dtype=torch.float32)
@@ -521,3 +522,24 @@ def test_pure_update_keeps_the_strides_of_copied_buffers() -> None:
     for name, leaf in new["buffers"].items():
         assert leaf.stride() == live[name].stride(), name
         assert torch.equal(leaf, live[name])
+
+
+def test_while_a_kernel_builds_the_eager_path_takes_larger_temporary_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fewer operations (each gives the GIL to the build thread), in temporaries of at most
+    ``BUSY_CHUNK`` elements that the call frees, and the same bits."""
+    monkeypatch.setattr(_engine.compiled, "enabled", False)
+    monkeypatch.setattr(_engine, "BUSY_CHUNK", 1000)
+    monkeypatch.setattr(_engine, "CHUNK", 100)
+    monkeypatch.setattr(_engine, "MIN_CHUNK", 100)
+    shadow, value = torch.randn(2500), torch.randn(2500)
+    expected = shadow.clone()
+    _engine._eager_region_(expected, value, 0.25, mask=True)
+    _engine._local.scratch = {}
+    monkeypatch.setattr(_engine.compiled, "building", lambda: True)
+    with _Allocations() as counted:
+        flag = _engine._eager_region_(shadow, value, 0.25, mask=True)
+    assert torch.equal(shadow, expected) and bool(flag)
+    assert 1000 * 4 + 1000 <= counted.bytes < 1000 * 4 + 1000 + 16  # one chunk of each, flags
+    assert getattr(_engine._local, "scratch", {}) == {}  # nothing kept
