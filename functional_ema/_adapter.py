@@ -7,7 +7,7 @@ import threading
 import types
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +205,7 @@ class EMA(nn.Module):
         self._buffer_names = list(buffers)
         self._frozen_names = [name for name in everything if name not in params]
         self._swapped = False
+        self._stored: AbstractContextManager[nn.Module] | None = None
         self._warned_eval = False
         self._planned: _Planned | None = None
         self._planned_names: dict[int, tuple[Tensor, str]] = {}
@@ -488,6 +489,7 @@ class EMA(nn.Module):
         """Restore a pickled EMA (a fresh lock; caches rebuilt on first use)."""
         super().__setstate__(state)
         self._lock = threading.RLock()
+        self.__dict__.setdefault("_stored", None)  # pickled before store() existed
 
     # --- the averages as the model's values ---------------------------------------------
 
@@ -682,18 +684,106 @@ class EMA(nn.Module):
         for name, tensor in {**live_params, **live_buffers}.items():
             tensor.copy_(values[name])
 
+    def store(self) -> nn.Module:
+        """Put the averages into the live model until :meth:`restore` (two calls of ``swap``).
+
+        For code that begins evaluation in one place and ends it in another (a training
+        framework's "validation starts" and "validation ends" hooks). Until :meth:`restore`
+        the live model holds the averages (frozen parameters stay as they are), with the
+        guarantees of :meth:`swap`: ``update()``, the live model's ``state_dict()`` and
+        ``load_state_dict()``, and copying or pickling the EMA raise ``RuntimeError``; and
+        :meth:`restore` puts back the live weights bit for bit, and every module's parameter
+        and buffer slots as they were. Prefer ``with ema.swap():`` where one block fits.
+
+        Returns:
+            The live model, holding the averages.
+
+        Raises:
+            RuntimeError: If the averages are in the model already (an earlier ``store()``
+                without ``restore()``, or inside ``with ema.swap():``).
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> model = torch.nn.Linear(2, 1)
+            >>> ema = fe.EMA(model, 0.9)
+            >>> before = model.weight.clone()
+            >>> _ = ema.store()  # e.g. where validation starts
+            >>> _ = model(torch.ones(1, 2))  # evaluates the averages
+            >>> ema.restore()  # e.g. where validation ends
+            >>> torch.equal(model.weight, before)
+            True
+        """
+        if self._swapped:
+            raise RuntimeError(
+                message(
+                    "EMA.store",
+                    "called while the model holds the averages",
+                    "<root>",
+                    "the live weights in the model",
+                    "the averages, put there by an earlier store() or a swap block",
+                    "store() and restore() come in pairs: call restore() first.",
+                )
+            )
+        model, self._stored = self._put_averages("EMA.store")
+        return model
+
+    def restore(self) -> None:
+        """Put the live weights back after :meth:`store`, bit for bit, slots included.
+
+        Raises:
+            RuntimeError: Without a :meth:`store` before it (nothing to restore: the model
+                holds its own weights), or inside ``with ema.swap():`` (the block restores).
+        """
+        entered = self._stored
+        if entered is None:
+            in_block = self._swapped
+            raise RuntimeError(
+                message(
+                    "EMA.restore",
+                    "called in a swap block" if in_block else "called without store()",
+                    "<root>",
+                    "a store() before it",
+                    "the averages, which the `with` block restores"
+                    if in_block
+                    else "the live weights in the model",
+                    "Call store() before restore(), or let the `with` block restore.",
+                )
+            )
+        self._stored = None
+        self._take_back(entered)
+
+    def _put_averages(self, api: str) -> tuple[nn.Module, AbstractContextManager[nn.Module]]:
+        """Swap the averages into the live model: the model and what :meth:`_take_back` ends."""
+        reshard(self._model)  # FSDP2: drop gathered copies so the forward gathers the averages
+        values = self._values_for(self._model)
+        live_params, live_buffers = module_state(self._model)
+        params = {name: values[name] for name in live_params}
+        buffers = {name: values[name] for name in live_buffers}
+        entered = swap_in(api, self._model, params, buffers)
+        model = entered.__enter__()
+        self._swapped = True
+        return model, entered
+
+    def _take_back(self, entered: AbstractContextManager[nn.Module]) -> None:
+        """Restore the live model that :meth:`_put_averages` swapped (also on errors)."""
+        try:
+            entered.__exit__(None, None, None)
+        finally:
+            self._swapped = False
+
     @contextmanager
     def swap(self) -> Iterator[nn.Module]:
         """Swap the averages into the live model for the ``with`` block, then restore it.
 
-        The live weights and buffers are restored bit for bit on exit, also when the body
-        raises, and so are the module's parameter and buffer slots (a forward that reassigns
-        a buffer is undone). Frozen parameters are left as they are. ``update()`` is refused
-        inside the block, and so are the live model's ``state_dict()`` (saving the averages
-        as the model's weights is the classic resume bug: save the averages with
-        ``ema.state_dict()`` or ``ema.shadow.state_dict()``) and ``load_state_dict()`` (the
-        exit would undo it); both raise ``RuntimeError``. Prefer ``ema.eval()`` and
-        ``ema(x)``, which leave the live model alone.
+        The block's own :meth:`store` and :meth:`restore`, the second also when the body
+        raises: the live weights and buffers are restored bit for bit, and so are the
+        module's parameter and buffer slots (a forward that reassigns a buffer is undone).
+        Frozen parameters are left as they are. ``update()`` is refused inside the block, and
+        so are the live model's ``state_dict()`` (saving the averages as the model's weights
+        is the classic resume bug: save the averages with ``ema.state_dict()`` or
+        ``ema.shadow.state_dict()``) and ``load_state_dict()`` (the exit would undo it); both
+        raise ``RuntimeError``. Prefer ``ema.eval()`` and ``ema(x)``, which leave the live
+        model alone.
 
         Yields:
             The live model, holding the averages.
@@ -709,27 +799,25 @@ class EMA(nn.Module):
             True
         """
         if self._swapped:
+            stored = self._stored is not None
             raise RuntimeError(
                 message(
                     "EMA.swap",
-                    "nested `with ema.swap():`",
+                    "called after store()" if stored else "nested `with ema.swap():`",
                     "<root>",
                     "the live weights in the model",
-                    "the averages of the enclosing block",
-                    "Do not nest swap blocks: the model already holds the averages.",
+                    "the averages, put there by store()"
+                    if stored
+                    else "the averages of the enclosing block",
+                    "Do not nest swap blocks, nor swap between store() and restore(): the "
+                    "model already holds the averages.",
                 )
             )
-        reshard(self._model)  # FSDP2: drop gathered copies so the body gathers the averages
-        values = self._values_for(self._model)
-        live_params, live_buffers = module_state(self._model)
-        params = {name: values[name] for name in live_params}
-        buffers = {name: values[name] for name in live_buffers}
-        with swap_in("EMA.swap", self._model, params, buffers) as model:
-            self._swapped = True
-            try:
-                yield model
-            finally:
-                self._swapped = False
+        model, entered = self._put_averages("EMA.swap")
+        try:
+            yield model
+        finally:
+            self._take_back(entered)
 
     @property
     def shadow(self) -> nn.Module:
