@@ -72,6 +72,9 @@ class _Planned:
     buffers: Fingerprint
 
 
+_UPDATE_FIX = "Updating now would average the averages into themselves: call update()"
+
+
 class EMA(nn.Module):
     r"""Exponential moving average of a model, for classic training scripts.
 
@@ -256,24 +259,15 @@ class EMA(nn.Module):
                 decay is applied for ``dt`` steps (see :func:`update`).
 
         Raises:
-            RuntimeError: Inside :meth:`swap` (the model holds the averages, not the weights).
+            RuntimeError: Inside :meth:`swap` or between :meth:`store` and :meth:`restore`
+                (the model holds the averages, not the weights).
             ValueError: If a parameter or buffer was added, removed, renamed or moved to
                 another name since construction, a shape or device changed, or an FSDP2 model
                 holds gathered parameters after a forward without backward (call
                 ``model.reshard()`` first).
         """
-        if self._swapped:
-            raise RuntimeError(
-                message(
-                    "EMA.update",
-                    "called inside `with ema.swap():`",
-                    "<root>",
-                    "the live weights in the model",
-                    "the averages (swapped in until the block ends)",
-                    "Updating now would average them into themselves: call update() after the "
-                    "`with` block.",
-                )
-            )
+        refusal = ("EMA.update", "called", _UPDATE_FIX)
+        self._refuse_while_stored(*refusal)
         if not self._model.training:
             if not self._warned_eval:
                 warnings.warn(
@@ -288,6 +282,7 @@ class EMA(nn.Module):
         if self._fsdp:
             check_sharded("EMA.update", self._model)
         with self._lock:
+            self._refuse_while_stored(*refusal)  # again: a store() in another thread
             planned, followed = self._current("EMA.update")
             with torch.no_grad():
                 apply_(planned.bound, self.decay, dt, self.nonfinite)
@@ -467,20 +462,14 @@ class EMA(nn.Module):
         """Pickle without the caches (plans, shadow module, lock): rebuilt after loading.
 
         Raises:
-            RuntimeError: Inside :meth:`swap`, where the model holds the averages.
+            RuntimeError: Inside :meth:`swap` or between :meth:`store` and :meth:`restore`,
+                where the model holds the averages.
         """
-        if self._swapped:
-            raise RuntimeError(
-                message(
-                    "EMA",
-                    "copied or pickled inside `with ema.swap():`",
-                    "<root>",
-                    "the live weights in the model",
-                    "the averages (swapped in until the block ends)",
-                    "A copy would keep the averages as the model's weights: copy after the "
-                    "`with` block.",
-                )
-            )
+        self._refuse_while_stored(
+            "EMA",
+            "copied or pickled",
+            "A copy would keep the averages as the model's weights: copy",
+        )
         state = self.__dict__.copy()
         state.update(_planned=None, _planned_names={}, _shadow_built=None, _lock=None)
         return state
@@ -713,6 +702,10 @@ class EMA(nn.Module):
             >>> torch.equal(model.weight, before)
             True
         """
+        with self._lock:  # one check-and-swap: a store() or update() elsewhere waits
+            return self._store()
+
+    def _store(self) -> nn.Module:
         if self._swapped:
             raise RuntimeError(
                 message(
@@ -734,6 +727,10 @@ class EMA(nn.Module):
             RuntimeError: Without a :meth:`store` before it (nothing to restore: the model
                 holds its own weights), or inside ``with ema.swap():`` (the block restores).
         """
+        with self._lock:
+            self._restore()
+
+    def _restore(self) -> None:
         entered = self._stored
         if entered is None:
             in_block = self._swapped
@@ -751,6 +748,25 @@ class EMA(nn.Module):
             )
         self._stored = None
         self._take_back(entered)
+
+    def _refuse_while_stored(self, api: str, what: str, fix: str) -> None:
+        """Raise while the model holds the averages; ``fix`` ends with when to do it instead."""
+        if not self._swapped:
+            return
+        if self._stored is not None:
+            where, until, after = "between store() and restore()", "restore()", "after restore()"
+        else:
+            where, until, after = "inside `with ema.swap():`", "the block ends", "after the block"
+        raise RuntimeError(
+            message(
+                api,
+                f"{what} {where}",
+                "<root>",
+                "the live weights in the model",
+                f"the averages (in the model until {until})",
+                f"{fix} {after}.",
+            )
+        )
 
     def _put_averages(self, api: str) -> tuple[nn.Module, AbstractContextManager[nn.Module]]:
         """Swap the averages into the live model: the model and what :meth:`_take_back` ends."""
@@ -798,26 +814,28 @@ class EMA(nn.Module):
             >>> torch.equal(model.weight, before)
             True
         """
-        if self._swapped:
-            stored = self._stored is not None
-            raise RuntimeError(
-                message(
-                    "EMA.swap",
-                    "called after store()" if stored else "nested `with ema.swap():`",
-                    "<root>",
-                    "the live weights in the model",
-                    "the averages, put there by store()"
-                    if stored
-                    else "the averages of the enclosing block",
-                    "Do not nest swap blocks, nor swap between store() and restore(): the "
-                    "model already holds the averages.",
+        with self._lock:  # one check-and-swap: a store() or update() elsewhere waits
+            if self._swapped:
+                stored = self._stored is not None
+                raise RuntimeError(
+                    message(
+                        "EMA.swap",
+                        "called after store()" if stored else "nested `with ema.swap():`",
+                        "<root>",
+                        "the live weights in the model",
+                        "the averages, put there by store()"
+                        if stored
+                        else "the averages of the enclosing block",
+                        "Do not nest swap blocks, nor swap between store() and restore(): the "
+                        "model already holds the averages.",
+                    )
                 )
-            )
-        model, entered = self._put_averages("EMA.swap")
+            model, entered = self._put_averages("EMA.swap")
         try:
             yield model
         finally:
-            self._take_back(entered)
+            with self._lock:
+                self._take_back(entered)
 
     @property
     def shadow(self) -> nn.Module:

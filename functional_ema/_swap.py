@@ -29,25 +29,32 @@ def _inert_hook(*args: Any) -> None:
     del args
 
 
-_BLOCKS = {"EMA.swap": "`with ema.swap():`", "swapped": "`with fe.swapped(...):`"}
+_BLOCKS = {
+    "EMA.swap": ("inside `with ema.swap():`", "after the `with` block"),
+    "EMA.store": ("between ema.store() and ema.restore()", "after ema.restore()"),
+    "swapped": ("inside `with fe.swapped(...):`", "after the `with` block"),
+}
+"""Per API: where the averages are in the model, and when the live weights are back."""
 
 
 def _swap_error(api: str, what: str, why: str, fix: str) -> RuntimeError:
+    """``fix`` may say ``{after}``: when the live weights are back for ``api``."""
+    where, after = _BLOCKS.get(api, (f"inside {api}", "after it"))
     return RuntimeError(
         message(
             api,
-            f"{what} inside {_BLOCKS.get(api, api)}",
+            f"{what} {where}",
             "<root>",
             "the live weights",
-            "the averages (swapped in until the block ends)",
-            f"{why} {fix}",
+            f"the averages (swapped in until {after.removeprefix('after ')})",
+            f"{why} {fix.format(after=after)}",
         )
     )
 
 
 _SAVE_FIX = (
-    "Save the model after the `with` block; for the averages use ema.state_dict() (to resume "
-    "the EMA) or ema.shadow.state_dict() (the model's keys, for export)."
+    "Save the model {after}; for the averages use ema.state_dict() (to resume the EMA) or "
+    "ema.shadow.state_dict() (the model's keys, for export)."
 )
 
 
@@ -63,8 +70,8 @@ class _Refuse:
             raise _swap_error(
                 self.api,
                 "model.load_state_dict()",
-                "The live weights are restored when the block ends, which would undo this load.",
-                "Load after the `with` block.",
+                "The live weights are restored at the end, which would undo this load.",
+                "Load {after}.",
             )
         raise _swap_error(
             self.api,

@@ -192,3 +192,54 @@ def test_the_torch_ema_validation_flow_gives_the_same_evaluation() -> None:
     peer.restore()
     assert_bits_equal(ours_model.state_dict(), ours_live)
     assert_bits_equal(peer_model.state_dict(), peer_live)
+
+
+def test_messages_between_store_and_restore_say_restore() -> None:
+    model = _model()
+    ema = fe.EMA(model, 0.5)
+    ema.store()
+    with pytest.raises(RuntimeError, match=r"between store\(\) and restore\(\).*after restore\(\)"):
+        ema.update()
+    with pytest.raises(RuntimeError, match=r"between store\(\) and restore\(\).*after restore\(\)"):
+        copy.deepcopy(ema)
+    with pytest.raises(RuntimeError, match=r"between ema\.store\(\) and ema\.restore\(\)"):
+        model.state_dict()
+    with pytest.raises(RuntimeError, match=r"Load after ema\.restore\(\)"):
+        model.load_state_dict({})
+    ema.restore()
+
+
+def test_a_store_from_another_thread_during_update_is_refused_not_averaged_in() -> None:
+    """``update()`` checks again under the EMA's lock, which ``store()`` takes too."""
+    import threading
+
+    class Hooked(nn.Module):
+        def __init__(self) -> None:
+            self.hook = None
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        @property
+        def training(self) -> bool:  # read by update() after its first check
+            if self.hook is not None:
+                hook, self.hook = self.hook, None
+                thread = threading.Thread(target=hook)
+                thread.start()
+                thread.join()
+            return self.__dict__.get("_training", True)
+
+        @training.setter
+        def training(self, mode: bool) -> None:
+            self.__dict__["_training"] = mode
+
+    model = Hooked()
+    ema = fe.EMA(model, 0.5)
+    averages = {k: v.clone() for k, v in ema.state()["params"].items()}
+    with torch.no_grad():
+        model.lin.weight.fill_(10.0)
+    model.hook = ema.store
+    with pytest.raises(RuntimeError, match=r"EMA\.update: called between store\(\)"):
+        ema.update()
+    assert_bits_equal(ema.state()["params"], averages)
+    ema.restore()
+    assert torch.all(model.lin.weight == 10.0)
