@@ -6,7 +6,8 @@ the first update when every step is an update) and ``dt`` the number of steps it
 are 0-dim integer tensors on the state's device, and the result is a 0-dim tensor on that
 device: no host sync, no recompiles under ``torch.compile``. The decay returned is the one for
 all ``dt`` steps together, so the average's time constant does not depend on how often it is
-updated.
+updated. The built-in ones are small objects (picklable, ``torch.save`` of an ``EMA`` included)
+whose repr is the call that made them; any callable ``(t, dt) -> decay`` is a schedule too.
 """
 
 from __future__ import annotations
@@ -83,7 +84,81 @@ def _as_float64(value: float | Tensor | tuple[float, ...], like: Tensor) -> Tens
     return torch.tensor(value, dtype=torch.float64, device=like.device)
 
 
-def constant(decay: Decay | Sequence[float]) -> Callable[[Tensor, Tensor], Tensor]:
+class _Schedule:
+    """A built-in schedule: ``schedule(t, dt) -> decay``, picklable, with a readable repr.
+
+    Each one is made by its function (:func:`constant`, :func:`tf_warmup`, :func:`warmup`,
+    :func:`half_life`, :func:`power`) from validated parameters, which it keeps as plain
+    attributes, so ``torch.save`` and ``pickle`` (spawned workers included) carry it, and its
+    repr is the call that made it.
+    """
+
+    _api = ""
+    _fields: tuple[str, ...] = ()
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{self._api}({args})"
+
+
+class _Constant(_Schedule):
+    _api, _fields = "constant", ("decay",)
+
+    def __init__(self, decay: float | Tensor | tuple[float, ...]) -> None:
+        self.decay = decay
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        return _as_float64(self.decay, t) ** dt
+
+
+class _TfWarmup(_Schedule):
+    _api, _fields = "tf_warmup", ("decay",)
+
+    def __init__(self, decay: float | Tensor) -> None:
+        self.decay = decay
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        # x ** 1 is exact, so dt == 1 keeps TF's float32 value bit for bit.
+        return tf_decay(self.decay, t).to(torch.float64) ** dt
+
+
+class _Warmup(_Schedule):
+    _api, _fields = "warmup", ("decay", "inv_gamma", "power", "min_decay")
+
+    def __init__(self, decay: float, inv_gamma: float, power: float, min_decay: float) -> None:
+        self.decay, self.inv_gamma, self.power, self.min_decay = decay, inv_gamma, power, min_decay
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        s = (t - 1).to(torch.float64).clamp(min=0)
+        value = (1 - (1 + s / self.inv_gamma) ** -self.power).clamp(self.min_decay, self.decay)
+        return value**dt
+
+
+class _HalfLife(_Schedule):
+    _api, _fields = "half_life", ("steps",)
+
+    def __init__(self, steps: float | Tensor | tuple[float, ...]) -> None:
+        self.steps = steps
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        return 0.5 ** (dt.to(torch.float64) / _as_float64(self.steps, t))
+
+
+class _Power(_Schedule):
+    _api, _fields = "power", ("gamma",)
+
+    def __init__(self, gamma: float | tuple[float, ...]) -> None:
+        self.gamma = gamma
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Tensor:
+        ratio = (1 - dt.to(torch.float64) / t.to(torch.float64)).clamp(min=0)
+        return ratio ** (_as_float64(self.gamma, t) + 1)
+
+
+def constant(decay: Decay | Sequence[float]) -> _Schedule:
     r"""A constant per-step decay :math:`\beta`, applied as :math:`\beta^{dt}`.
 
     .. math:: \beta_{t, dt} = \beta^{dt}
@@ -103,15 +178,10 @@ def constant(decay: Decay | Sequence[float]) -> Callable[[Tensor, Tensor], Tenso
         >>> round(float(schedule(torch.tensor(10), torch.tensor(10))), 6)  # 0.99 ** 10
         0.904382
     """
-    values = _values("constant", "decay", decay, _check_unit)
-
-    def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        return _as_float64(values, t) ** dt
-
-    return schedule
+    return _Constant(_values("constant", "decay", decay, _check_unit))
 
 
-def tf_warmup(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
+def tf_warmup(decay: Decay) -> _Schedule:
     r"""TensorFlow's ``num_updates`` warmup with ``num_updates = t``, in float32 as TF.
 
     .. math:: \beta_{t, dt} = \min\left(\beta, \frac{1 + t}{10 + t}\right)^{dt}
@@ -138,18 +208,12 @@ def tf_warmup(decay: Decay) -> Callable[[Tensor, Tensor], Tensor]:
         >>> round(float(fe.tf_warmup(0.999)(torch.tensor(1), torch.tensor(1))), 4)
         0.1818
     """
-    decay = check_decay("tf_warmup", decay)
-
-    def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        # x ** 1 is exact, so dt == 1 keeps TF's float32 value bit for bit.
-        return tf_decay(decay, t).to(torch.float64) ** dt
-
-    return schedule
+    return _TfWarmup(check_decay("tf_warmup", decay))
 
 
 def warmup(
     decay: float = 0.9999, *, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0
-) -> Callable[[Tensor, Tensor], Tensor]:
+) -> _Schedule:
     r"""The inverse-gamma / power warmup of timm ``ModelEmaV3``, diffusers and ema-pytorch.
 
     .. math::
@@ -196,16 +260,10 @@ def warmup(
         )
     inv_gamma = _check_positive(api, "inv_gamma", inv_gamma)
     power = _check_positive(api, "power", power)
-
-    def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        s = (t - 1).to(torch.float64).clamp(min=0)
-        value = (1 - (1 + s / inv_gamma) ** -power).clamp(min_decay, decay)
-        return value**dt
-
-    return schedule
+    return _Warmup(decay, inv_gamma, power, min_decay)
 
 
-def half_life(steps: float | Sequence[float]) -> Callable[[Tensor, Tensor], Tensor]:
+def half_life(steps: float | Sequence[float]) -> _Schedule:
     r"""A constant decay given by its half-life in steps.
 
     .. math:: \beta_{t, dt} = 2^{-dt / h}
@@ -225,19 +283,14 @@ def half_life(steps: float | Sequence[float]) -> Callable[[Tensor, Tensor], Tens
         >>> float(fe.half_life(100)(torch.tensor(100), torch.tensor(100)))
         0.5
     """
-    values = _values("half_life", "steps", steps, _check_positive)
-
-    def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        return 0.5 ** (dt.to(torch.float64) / _as_float64(values, t))
-
-    return schedule
+    return _HalfLife(_values("half_life", "steps", steps, _check_positive))
 
 
 def power(
     gamma: float | Sequence[float] | None = None,
     *,
     sigma_rel: float | Sequence[float] | None = None,
-) -> Callable[[Tensor, Tensor], Tensor]:
+) -> _Schedule:
     r"""EDM2's power-function EMA profile (Karras et al. 2024, arXiv 2312.02696, Eq. 127).
 
     .. math:: \beta_{t, dt} = \left(1 - \frac{dt}{t}\right)^{\gamma + 1}
@@ -276,10 +329,4 @@ def power(
         0.4333
     """
     profiles = parse("power", sigma_rel, gamma)
-    gammas = profiles.gammas if profiles.several else profiles.gammas[0]
-
-    def schedule(t: Tensor, dt: Tensor) -> Tensor:
-        ratio = (1 - dt.to(torch.float64) / t.to(torch.float64)).clamp(min=0)
-        return ratio ** (_as_float64(gammas, t) + 1)
-
-    return schedule
+    return _Power(tuple(profiles.gammas) if profiles.several else profiles.gammas[0])
