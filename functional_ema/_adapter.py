@@ -18,7 +18,7 @@ from functional_ema._arith import is_inexact
 from functional_ema._core import check_policy
 from functional_ema._decay import check_decay
 from functional_ema._engine import flat_view, pack
-from functional_ema._errors import message, short_list, wrong_type, wrong_value
+from functional_ema._errors import describe, message, short_list, wrong_type, wrong_value
 from functional_ema._fingerprint import Fingerprint
 from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
 from functional_ema._module import apply, check_materialised, check_unwrapped, module_state
@@ -266,6 +266,17 @@ class EMA(nn.Module):
                 holds gathered parameters after a forward without backward (call
                 ``model.reshard()`` first).
         """
+        if isinstance(dt, nn.Module):
+            raise wrong_type(
+                "EMA.update",
+                "a model passed to update()",
+                "dt",
+                "the number of steps since the last update (an int >= 1)",
+                describe(dt),
+                "The EMA updates from the model it was made with (unlike timm's "
+                "ema.update(model) or AveragedModel's update_parameters(model)): call "
+                "ema.update(), or ema.update(dt=k) after k steps.",
+            )
         refusal = ("EMA.update", "called", _UPDATE_FIX)
         self._refuse_while_stored(*refusal)
         if not self._model.training:

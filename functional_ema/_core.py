@@ -16,7 +16,7 @@ from functional_ema._arith import average_leaf, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, unread_in_range, weight_as
 from functional_ema._dtensor import localize, rewrap
 from functional_ema._engine import build_plan, fast_path_ok, pure_path_ok, updated
-from functional_ema._errors import check_choice, wrong_value
+from functional_ema._errors import check_choice, describe, wrong_type, wrong_value
 from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
 
@@ -102,6 +102,17 @@ def raise_if_nonfinite(
 def _ema_update(
     api: str, shadow: T, params: T, decay: Decay, *, inplace: bool, nonfinite: NonFinite
 ) -> T:
+    if callable(decay) and not isinstance(decay, Tensor):
+        raise wrong_type(
+            api,
+            "a schedule passed as the decay",
+            "decay",
+            "a Python float or a 0-dim floating tensor",
+            describe(decay),
+            f"{api} keeps no step to call a schedule with: keep a state (state = "
+            "fe.init(params), then state = fe.update(state, params, schedule)), or pass the "
+            "schedule's value, decay=schedule(t, dt).",
+        )
     decay = check_decay(api, decay)
     valid = unread_in_range(decay)
     check_policy(api, nonfinite)

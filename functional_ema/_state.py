@@ -119,6 +119,18 @@ def init(
         (torch.float32, 0)
     """
     api = "init"
+    for name, tree in (("params", params), ("buffers", buffers)):
+        if isinstance(tree, torch.nn.Module):
+            raise wrong_type(
+                api,
+                "a module passed as a tree of tensors",
+                name,
+                "a pytree of tensors (e.g. a dict of them)",
+                describe(tree),
+                "Take the module's tensors first: params, buffers = fe.module_state(model); "
+                "state = fe.init(params, buffers). Or keep the module: ema = fe.EMA(model, "
+                "decay).",
+            )
     leaves, _ = check_tensor_leaves(api, params, "params")
     check_dense_leaves(api, params, "params")
     if buffers is not None:

@@ -38,7 +38,7 @@ from functional_ema._engine import (
     fast_path_ok,
     pure_path_ok,
 )
-from functional_ema._errors import check_choice, wrong_value
+from functional_ema._errors import check_choice, describe, wrong_type, wrong_value
 from functional_ema._state import EmaState, check_state_structure
 from functional_ema._tree import check_pair
 from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule, TensorTree
@@ -108,6 +108,23 @@ class Bound:
         if "params_plan" in self.__dict__:
             new.__dict__["params_plan"] = self.__dict__["params_plan"]
         return new
+
+
+def check_argument_order(api: str, decay: object, buffers: object) -> None:
+    """Name the habit of passing the buffers third and the decay fourth."""
+    number = isinstance(buffers, int | float) and not isinstance(buffers, bool)
+    scalar = isinstance(buffers, Tensor) and buffers.ndim == 0 and buffers.is_floating_point()
+    decay_like = isinstance(decay, int | float | Tensor) or callable(decay)
+    if (number or scalar) and not decay_like:
+        raise wrong_type(
+            api,
+            "decay and buffers swapped",
+            "buffers",
+            "the buffers' tree (the 4th argument; the decay is the 3rd)",
+            describe(buffers),
+            f"The order is {api}(state, params, decay, buffers), e.g. fe.{api}(state, params, "
+            "0.999, buffers); or name them: decay=..., buffers=....",
+        )
 
 
 def check_buffer_policy(api: str, buffer_policy: object) -> None:
@@ -429,6 +446,7 @@ def update(
         >>> fe.average(state)["w"], int(state["step"])
         (tensor([0.1000, 0.1000]), 1)
     """
+    check_argument_order("update", decay, buffers)
     bound = validate("update", state, params, buffers, buffer_policy)
     return apply(bound, decay, dt, nonfinite)
 
@@ -476,5 +494,6 @@ def update_(
         >>> fe.average(state)["w"]
         tensor([0.1000, 0.1000])
     """
+    check_argument_order("update_", decay, buffers)
     bound = validate("update_", state, params, buffers, buffer_policy)
     return apply_(bound, decay, dt, nonfinite)
