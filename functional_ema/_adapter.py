@@ -122,6 +122,18 @@ class EMA(nn.Module):
         ValueError: For a wrapper, an ``EMA`` of an ``EMA``, a sparse or meta tensor, or a
             lazy module not materialised yet.
 
+    Attributes:
+        decay: The decay or schedule each update uses (a built-in schedule after
+            ``use_num_updates=True``: ``tf_warmup(decay=...)``); may be reassigned.
+        step: 0-dim int64 tensor: the steps the averages cover (``dt`` summed); in
+            ``state_dict()``.
+        nonfinite_updates: 0-dim int64 tensor: updates whose values held NaN/Inf (or whose
+            decay was out of range on the device); in ``state_dict()``.
+        averages: The module holding the averages and the held buffers as buffers, under
+            the model's names (``state()`` gives them as dicts; ``state_dict()`` saves them).
+        buffer_policy: ``"copy"`` or ``"average"``.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``.
+
     Example:
         >>> import torch, functional_ema as fe
         >>> model = torch.nn.Linear(2, 1)
@@ -223,6 +235,25 @@ class EMA(nn.Module):
         self.averages = nn.Module()
         _register_tree(self.averages, {**state["params"], **state["buffers"]})
         self.train(model.training)
+
+    def __repr__(self) -> str:
+        """What the EMA holds and does, in one line.
+
+        (The averages are buffers: a module's repr would show empty modules.)
+        """
+        averages = list(self.state()["params"].values())
+        numel = sum(t.numel() for t in averages)
+        dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in averages}))
+        devices = "/".join(sorted({str(t.device) for t in averages}))
+        held = f"{len(averages)} averages ({numel:,} elements, {dtypes or 'none'}"
+        held += f" on {devices})" if devices else ")"
+        return (
+            f"EMA(decay={self.decay!r}, step={int(self.step)}, {held}, "
+            f"{len(self._buffer_names)} buffers ({self.buffer_policy}), "
+            f"{len(self._frozen_names)} frozen, nonfinite={self.nonfinite!r}, "
+            f"nonfinite_updates={int(self.nonfinite_updates)}, "
+            f"forward={'live model' if self.training else 'averages'})"
+        )
 
     @property
     def model(self) -> nn.Module:

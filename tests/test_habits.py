@@ -56,3 +56,19 @@ def test_decay_and_buffers_swapped_say_the_order(api: str, decay: object) -> Non
     assert int(state["step"]) == 0
     new = getattr(fe, api)(state, {"w": torch.ones(2)}, 0.5, {"b": torch.ones(1)})  # the order
     assert torch.equal(new["params"]["w"], torch.full((2,), 0.5))
+
+
+def test_repr_says_what_the_ema_holds() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    model[0].bias.requires_grad_(False)
+    ema = fe.EMA(model, 0.999, use_num_updates=True)
+    ema.update()
+    shown = repr(ema)
+    assert shown == (
+        "EMA(decay=tf_warmup(decay=0.999), step=1, 3 averages (12 elements, float32 on cpu), "
+        "3 buffers (copy), 1 frozen, nonfinite='skip', nonfinite_updates=0, "
+        "forward=live model)"
+    )
+    assert "Module()" not in shown
+    ema.eval()
+    assert repr(ema).endswith("forward=averages)")
