@@ -178,20 +178,23 @@ def _dense(tensors: Sequence[Tensor]) -> bool:
     return set(map(_LAYOUT, tensors)) <= {torch.strided}
 
 
+def _engine_tensors(tensors: Sequence[Tensor]) -> bool:
+    """Plain dense tensors or ``Parameter``s, not wrapped by a transform, not being traced."""
+    return not torch.compiler.is_compiling() and _dense(tensors) and _plain(tensors)
+
+
 def fast_path_ok(*tensors: Tensor) -> bool:
-    """Whether the engine may work on these tensors (plain tensors, no transform, no trace)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or not _dense(tensors):
-        return False
-    return _plain(tensors)
+    """Whether the engine may update these tensors in place (grad mode off)."""
+    return not torch.is_grad_enabled() and _engine_tensors(tensors)
 
 
 def pure_path_ok(*tensors: Tensor) -> bool:
     """Whether :func:`updated` may make a pure update of these tensors.
 
-    Plain tensors, no transform, no trace, and no autograd graph to record: under grad mode
-    a tensor that requires grad takes the per-leaf path, whose result is differentiable.
+    As :func:`fast_path_ok`, with no autograd graph to record: under grad mode a tensor
+    that requires grad takes the per-leaf path, whose result is differentiable.
     """
-    if torch.compiler.is_compiling() or not _dense(tensors) or not _plain(tensors):
+    if not _engine_tensors(tensors):
         return False
     return not (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)))
 

@@ -237,11 +237,14 @@ def _debiased_leaf(
     *,
     inplace: bool,
     finite_flags: list[Tensor] | None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TF's ``_zero_debias`` for one leaf: new ``(shadow, biased, local_step)``.
 
     ``biased`` takes the TF step; ``local_step += 1``; ``shadow = biased / (1 - (1 - w) **
-    local_step)``, all in the leaf's dtype. Non-floating leaves are copied.
+    local_step)``, all in the leaf's dtype. Non-floating leaves are copied. With ``valid``
+    (the call's device-side range check), all three keep their bits where it is false: the
+    new values are computed out of place and selected.
     """
     if not is_inexact(shadow):
         return (
@@ -249,37 +252,18 @@ def _debiased_leaf(
             copy_leaf(biased, value, inplace=inplace),
             local_step,
         )
+    write = inplace and valid is None
     w = torch.as_tensor(weight, dtype=shadow.dtype, device=shadow.device)
-    biased = average_leaf(biased, value, weight, inplace=inplace, finite_flags=finite_flags)
-    local_step = local_step.add_(1) if inplace else local_step + 1
-    debiased = biased / (1 - torch.pow(1 - w, local_step))
-    return (shadow.copy_(debiased) if inplace else debiased), biased, local_step
-
-
-def _debiased_leaf_where(
-    valid: Tensor | None,
-    shadow: Tensor,
-    biased: Tensor,
-    local_step: Tensor,
-    value: Tensor,
-    weight: float | Tensor,
-    *,
-    inplace: bool,
-    finite_flags: list[Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_debiased_leaf`, keeping all three tensors' bits where ``valid`` is false."""
-    if valid is None or not is_inexact(shadow):
-        return _debiased_leaf(
-            shadow, biased, local_step, value, weight, inplace=inplace, finite_flags=finite_flags
+    new_biased = average_leaf(biased, value, weight, inplace=write, finite_flags=finite_flags)
+    new_step = local_step.add_(1) if write else local_step + 1
+    debiased = new_biased / (1 - torch.pow(1 - w, new_step))
+    if valid is not None:
+        return (
+            _keep_where(valid, debiased, shadow, inplace=inplace),
+            _keep_where(valid, new_biased, biased, inplace=inplace),
+            _keep_where(valid, new_step, local_step, inplace=inplace),
         )
-    new_shadow, new_biased, new_step = _debiased_leaf(
-        shadow, biased, local_step, value, weight, inplace=False, finite_flags=finite_flags
-    )
-    return (
-        _keep_where(valid, new_shadow, shadow, inplace=inplace),
-        _keep_where(valid, new_biased, biased, inplace=inplace),
-        _keep_where(valid, new_step, local_step, inplace=inplace),
-    )
+    return (shadow.copy_(debiased) if inplace else debiased), new_biased, new_step
 
 
 def _apply(
@@ -306,8 +290,8 @@ def _apply(
         local_step = optree.tree_leaves(state["local_step"])
         columns = zip(bound.shadow, biased, local_step, bound.values, strict=True)
         results = [
-            _debiased_leaf_where(
-                valid, s, b, n, v, weights(s.dtype), inplace=inplace, finite_flags=flags
+            _debiased_leaf(
+                s, b, n, v, weights(s.dtype), inplace=inplace, finite_flags=flags, valid=valid
             )
             for s, b, n, v in columns
         ]
