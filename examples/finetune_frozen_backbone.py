@@ -51,7 +51,7 @@ def main(steps: int = 200, width: int = 1024, seed: int = 0) -> dict[str, float]
         ema.update()
         head_only.update()
 
-    held = sum(t.numel() for t in ema.state_dict().values())
+    held = sum(t.numel() for t in ema.state_dict().values() if isinstance(t, torch.Tensor))
     frozen = sum(p.numel() for p in model[0].parameters())
     print(f"EMA state_dict: {sorted(ema.state_dict())}")
     print(f"elements held: {held} (the frozen backbone has {frozen}, not held)")

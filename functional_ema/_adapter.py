@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import threading
 import types
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,19 +17,26 @@ from torch import Tensor, nn
 
 from functional_ema._arith import is_inexact
 from functional_ema._core import check_policy
-from functional_ema._decay import check_decay
+from functional_ema._decay import check_decay, check_interval
 from functional_ema._engine import flat_view, pack
-from functional_ema._errors import describe, message, short_list, wrong_type, wrong_value
+from functional_ema._errors import (
+    describe,
+    message,
+    short_list,
+    strip_wrapper_prefixes,
+    wrong_type,
+    wrong_value,
+)
 from functional_ema._fingerprint import Fingerprint
 from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
 from functional_ema._module import apply, check_materialised, check_unwrapped, module_state
-from functional_ema._restore import check_state_dict
-from functional_ema._schedules import tf_warmup
+from functional_ema._restore import check_state_dict, unwrap_keys
+from functional_ema._schedules import config_of, from_config, tf_warmup
 from functional_ema._state import EmaState, init
 from functional_ema._swap import swap_in
 from functional_ema._tree import check_dense_leaves, check_pair
 from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule
-from functional_ema._update import Bound, apply_, check_buffer_policy, validate
+from functional_ema._update import Bound, apply_, check_buffer_policy, follow_, validate
 
 
 def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -41,6 +49,60 @@ def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
                 owner.add_module(part, nn.Module())
             owner = owner._modules[part]  # type: ignore[assignment]
         owner.register_buffer(leaf, tensor)
+
+
+def _check_count(api: str, path: str, value: object, least: int) -> int:
+    """An int ``>= least`` (``update_every``, ``update_after``, saved counters)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(
+            api,
+            f"{path} of the wrong type",
+            path,
+            f"an int >= {least}",
+            describe(value),
+            f"Pass a whole number of steps, e.g. {path}={max(least, 1)}.",
+        )
+    if value < least:
+        raise wrong_value(
+            api,
+            f"{path} out of range",
+            path,
+            f"an int >= {least}",
+            value,
+            f"Pass a whole number of steps, e.g. {path}={max(least, 1)}.",
+        )
+    return value
+
+
+def _excluded(api: str, patterns: Sequence[str], names: list[str]) -> list[str]:
+    """The names matched by ``patterns`` (exact names or ``fnmatch`` globs), in model order.
+
+    Raises:
+        TypeError: ``patterns`` is a string (not a list of them) or holds a non-string.
+        ValueError: A pattern that matches no parameter or buffer (a typo would silently
+            average what it meant to leave out).
+    """
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise wrong_type(
+            api,
+            "exclude of the wrong type",
+            "exclude",
+            "a list of names or glob patterns",
+            describe(patterns),
+            "Write exclude=['head.*'] (a list, even for one pattern).",
+        )
+    for index, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise wrong_value(
+                api,
+                f"an exclusion that matches nothing ({pattern!r})",
+                f"exclude[{index}]",
+                "a parameter or buffer name, or a glob matching some",
+                f"no match among {short_list(names)}",
+                "Check the name against dict(model.named_parameters()) and "
+                "dict(model.named_buffers()); globs use fnmatch ('*' also crosses dots).",
+            )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
@@ -72,7 +134,70 @@ class _Planned:
     buffers: Fingerprint
 
 
+_ADDED_LATER: dict[str, Any] = {
+    "_stored": None,
+    "update_every": 1,
+    "update_after": 0,
+    "_calls": 0,
+    "_pending": 0,
+    "_excluded_buffers": [],
+    "_keep_hyperparameters": False,
+}
+"""Attributes an ``EMA`` pickled by an earlier version lacks, with the values it behaved by."""
+
+_EXTRA = "_extra_state"
+_SETTINGS_FORMAT = 1
+
 _UPDATE_FIX = "Updating now would average the averages into themselves: call update()"
+
+
+def _read_settings(api: str, state: Any) -> dict[str, Any]:
+    """Check a saved ``_extra_state`` (see ``EMA.get_extra_state``); the values to set."""
+    path = "state_dict['_extra_state']"
+    fix = "Load a state dict saved by EMA.state_dict(), or drop this key to keep the settings."
+    if not isinstance(state, dict) or state.get("format") != _SETTINGS_FORMAT:
+        raise wrong_value(
+            api,
+            "unreadable settings",
+            path,
+            f"a dict with format={_SETTINGS_FORMAT}",
+            describe(state),
+            fix,
+        )
+    settings: dict[str, Any] = {
+        "update_every": _check_count(api, f"{path}['update_every']", state.get("update_every"), 1),
+        "update_after": _check_count(api, f"{path}['update_after']", state.get("update_after"), 0),
+        "calls": _check_count(api, f"{path}['calls']", state.get("calls"), 0),
+        "pending": _check_count(api, f"{path}['pending']", state.get("pending"), 0),
+    }
+    check_buffer_policy(api, state.get("buffer_policy"))
+    check_policy(api, state.get("nonfinite"))
+    settings["buffer_policy"], settings["nonfinite"] = state["buffer_policy"], state["nonfinite"]
+    decay = state.get("decay")
+    if isinstance(decay, dict):
+        settings["decay"] = from_config(api, decay, f"{path}['decay']")
+    elif decay is not None:
+        settings["decay"] = check_decay(api, decay, f"{path}['decay']")
+    return settings
+
+
+def _cast_like(state_dict: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with floating tensors cast to ``own``'s floating dtypes (same keys)."""
+    mapping = unwrap_keys(state_dict, own)
+    cast = {}
+    for key, value in state_dict.items():
+        mine = own.get(mapping[key])
+        if (
+            isinstance(value, Tensor)
+            and isinstance(mine, Tensor)
+            and is_inexact(value)
+            and is_inexact(mine)
+            and value.is_complex() == mine.is_complex()
+            and value.dtype != mine.dtype
+        ):
+            value = value.to(mine.dtype)
+        cast[key] = value
+    return cast
 
 
 class EMA(nn.Module):
@@ -117,6 +242,17 @@ class EMA(nn.Module):
             unchanged and ``ema.nonfinite_updates`` counts such updates (on the device);
             ``"raise"``: ``update()`` raises before writing anything; ``"propagate"``: TF's
             behaviour (they enter the average).
+        update_every: Update on every ``k``-th call of :meth:`update` only, for the ``k``
+            steps since the last one (``dt=k``, so a schedule's time constant stays in
+            steps); the calls between read nothing.
+        update_after: For the first ``n`` calls of :meth:`update` the averages follow the
+            weights (each call copies them, as ema-pytorch's ``update_after_step`` and
+            Lightning's ``update_starting_at_step``); ``step`` stays 0, so schedules start
+            with the first real update, at call ``n + update_every``.
+        exclude: Names or ``fnmatch`` globs (``"head.*"``) of parameters and buffers to
+            leave out: they behave like frozen parameters (not held; the shadow, :meth:`swap`
+            and :meth:`copy_to` use the live tensors), as ema-pytorch's
+            ``param_or_buffer_names_no_ema``. A pattern matching nothing is an error.
 
     Raises:
         ValueError: For a wrapper, an ``EMA`` of an ``EMA``, a sparse or meta tensor, or a
@@ -133,6 +269,13 @@ class EMA(nn.Module):
             the model's names (``state()`` gives them as dicts; ``state_dict()`` saves them).
         buffer_policy: ``"copy"`` or ``"average"``.
         nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``.
+        update_every: Calls of :meth:`update` per real update.
+        update_after: Calls of :meth:`update` during which the averages follow the weights.
+
+    ``state_dict()`` saves these settings (the decay as a number, a tensor or a built-in
+    schedule's parameters) beside the tensors under ``_extra_state``, with the timing
+    counters; :meth:`load_state_dict` restores them (``keep_hyperparameters=True`` keeps the
+    constructor's).
 
     Example:
         >>> import torch, functional_ema as fe
@@ -159,6 +302,9 @@ class EMA(nn.Module):
         dtype: torch.dtype | None = None,
         buffer_policy: BufferPolicy = "copy",
         nonfinite: NonFinite = "skip",
+        update_every: int = 1,
+        update_after: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         """Make the averages: copies of the model's trainable parameters and buffers.
 
@@ -189,11 +335,15 @@ class EMA(nn.Module):
             )
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
+        update_every = _check_count(api, "update_every", update_every, 1)
+        update_after = _check_count(api, "update_after", update_after, 0)
         check_materialised(api, model, "before creating the EMA")
         everything, buffers = module_state(model, trainable_only=False)
         check_dense_leaves(api, {**everything, **buffers}, "model", meta=False)
+        excluded = _excluded(api, exclude, [*everything, *buffers])
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        params = {name: t for name, t in everything.items() if name in trainable}
+        params = {n: t for n, t in everything.items() if n in trainable and n not in excluded}
+        buffers = {name: t for name, t in buffers.items() if name not in excluded}
         if not params:
             warnings.warn(
                 message(
@@ -216,9 +366,14 @@ class EMA(nn.Module):
         )
         self.buffer_policy: BufferPolicy = buffer_policy
         self.nonfinite: NonFinite = nonfinite
+        self.update_every = update_every
+        self.update_after = update_after
+        self._calls = 0  # update() calls in training mode, warm-up included
+        self._pending: int | Tensor = 0  # steps (dt summed) since the last update
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._frozen_names = [name for name in everything if name not in params]
+        self._excluded_buffers = [name for name in excluded if name not in everything]
         self._swapped = False
         self._stored: AbstractContextManager[nn.Module] | None = None
         self._warned_eval = False
@@ -229,6 +384,7 @@ class EMA(nn.Module):
         self._version = 0  # counts writes to the averages (update, load): refreshes casts
         self._layout = 0  # counts replacements of the averages' tensors (.to(), assign)
         self._lock = threading.RLock()
+        self._keep_hyperparameters = False  # set by load_state_dict(keep_hyperparameters=)
         self._fsdp = bool(fsdp_modules(model))  # FSDP2: sharded averages, in-place eval
         self.register_buffer("step", state["step"])
         self.register_buffer("nonfinite_updates", state["nonfinite_updates"])
@@ -289,6 +445,11 @@ class EMA(nn.Module):
             dt: Steps since the last update (e.g. ``k`` when updating every ``k`` steps): the
                 decay is applied for ``dt`` steps (see :func:`update`).
 
+        With ``update_after=n`` the first ``n`` calls copy the weights into the averages;
+        then, with ``update_every=k``, every ``k``-th call updates for the ``dt`` of the
+        ``k`` calls summed, and the others only count (nothing is read). Calls while the
+        live model is in eval mode are not counted.
+
         Raises:
             RuntimeError: Inside :meth:`swap` or between :meth:`store` and :meth:`restore`
                 (the model holds the averages, not the weights).
@@ -308,6 +469,7 @@ class EMA(nn.Module):
                 "ema.update(model) or AveragedModel's update_parameters(model)): call "
                 "ema.update(), or ema.update(dt=k) after k steps.",
             )
+        dt = check_interval("EMA.update", dt)
         refusal = ("EMA.update", "called", _UPDATE_FIX)
         self._refuse_while_stored(*refusal)
         if not self._model.training:
@@ -325,14 +487,26 @@ class EMA(nn.Module):
             check_sharded("EMA.update", self._model)
         with self._lock:
             self._refuse_while_stored(*refusal)  # again: a store() in another thread
+            calls = self._calls + 1
+            pending = (
+                dt if isinstance(self._pending, int) and not self._pending else self._pending + dt
+            )
+            warming = calls <= self.update_after
+            if not warming and (calls - self.update_after) % self.update_every:
+                self._calls, self._pending = calls, pending  # between updates: nothing read
+                return
             planned, followed = self._current("EMA.update")
             with torch.no_grad():
-                apply_(planned.bound, self.decay, dt, self.nonfinite)
+                if warming:
+                    follow_(planned.bound, self.nonfinite)
+                else:
+                    apply_(planned.bound, self.decay, pending, self.nonfinite)
             if followed:  # written: now they are the held buffers
                 _register_tree(self.averages, followed)
                 self._layout += 1
             self._planned = planned
             self._version += 1
+            self._calls, self._pending = calls, 0
 
     def _current(self, api: str) -> tuple[_Planned, dict[str, Tensor]]:
         """The plan for the model as it is now, and the buffers it follows (not kept yet).
@@ -361,10 +535,11 @@ class EMA(nn.Module):
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         known = {*self._param_names, *self._frozen_names}
+        known_buffers = {*self._buffer_names, *self._excluded_buffers}
         missing = [n for n in self._param_names if n not in params]
         missing += [n for n in self._buffer_names if n not in buffers]
         extra = [n for n in params if n not in known]
-        extra += [n for n in buffers if n not in set(self._buffer_names)]
+        extra += [n for n in buffers if n not in known_buffers]
         if missing or extra:
             raise wrong_value(
                 api,
@@ -421,7 +596,7 @@ class EMA(nn.Module):
     ) -> tuple[_Planned, dict[str, Tensor]] | None:
         """``planned`` with the buffers planned again (``None``: their names changed)."""
         buffers = dict(self._model.named_buffers())
-        if buffers.keys() != set(self._buffer_names):
+        if buffers.keys() != {*self._buffer_names, *self._excluded_buffers}:
             return None
         slots = [buffers[name] for name in self._buffer_names]
         live = {name: t.detach() for name, t in zip(self._buffer_names, slots, strict=True)}
@@ -520,24 +695,27 @@ class EMA(nn.Module):
         """Restore a pickled EMA (a fresh lock; caches rebuilt on first use)."""
         super().__setstate__(state)
         self._lock = threading.RLock()
-        self.__dict__.setdefault("_stored", None)  # pickled before store() existed
+        for name, default in _ADDED_LATER.items():  # pickled by an earlier version
+            self.__dict__.setdefault(name, default)
 
     # --- the averages as the model's values ---------------------------------------------
 
     def _values_for(self, module: nn.Module) -> dict[str, Tensor]:
         """Every parameter and buffer value of ``module`` as the averages give it.
 
-        Trainable parameters: the averages; frozen ones: the live model's own; buffers: the
-        held ones. Cast to ``module``'s dtypes (no copy where they match).
+        Trainable parameters: the averages; frozen (and excluded) ones: the live model's
+        own; buffers: the held ones (excluded ones: the live model's). Cast to ``module``'s
+        dtypes (no copy where they match).
         """
         live_params, live_buffers = module_state(module, trainable_only=False)
         live = {**live_params, **live_buffers}
         state = self.state()
-        own = dict(self._model.named_parameters())
+        own = {**dict(self._model.named_parameters()), **dict(self._model.named_buffers())}
+        unheld = [*self._frozen_names, *self._excluded_buffers]
         held = {
             **state["params"],
             **state["buffers"],
-            **{name: own[name].detach() for name in self._frozen_names if name in own},
+            **{name: own[name].detach() for name in unheld if name in own},
         }
         check_pair("EMA", held, live, ("averages", "module"))
         return {name: held[name].to(live[name].dtype) for name in live}
@@ -583,7 +761,7 @@ class EMA(nn.Module):
 
         Trainable parameters: the averages (no copy where dtype and device match);
         frozen ones: the live storage (shared, ``requires_grad=False``); buffers: the held
-        ones.
+        ones (excluded ones: the live buffer itself).
         """
         model = self._model
         state = self.state()
@@ -603,8 +781,9 @@ class EMA(nn.Module):
         for name, param in model.named_parameters():
             data = param.detach() if name in frozen else value(name, param)
             values[id(param)] = nn.Parameter(data, requires_grad=False)
+        excluded = set(self._excluded_buffers)
         for name, buffer in model.named_buffers():
-            values[id(buffer)] = value(name, buffer)
+            values[id(buffer)] = buffer if name in excluded else value(name, buffer)
         return values, casts
 
     def _bind(self, built: _Shadow) -> None:
@@ -908,33 +1087,97 @@ class EMA(nn.Module):
             raise TypeError(self._no_shadow("EMA.shadow"))
         return built.module
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        """Load averages and step counter saved by :meth:`state_dict`, checked before writing.
+    def get_extra_state(self) -> dict[str, Any]:
+        """The settings and update-timing counters ``state_dict()`` saves as ``_extra_state``.
 
-        Keys saved through a DDP or ``torch.compile`` wrapper (``module.`` / ``_orig_mod.``
-        segments) are mapped to this adapter's. Tensors may be on any device (they are
-        copied), but shapes and dtypes must match exactly. Frozen parameters saved by
-        earlier versions (which held them) are ignored.
+        Plain values (``torch.load(weights_only=True)`` reads them): the decay (a number, a
+        tensor, a built-in schedule as its :meth:`config`, or ``None`` for a schedule of
+        your own, which cannot be saved), ``update_every``, ``update_after``,
+        ``buffer_policy``, ``nonfinite``, and the counters of :meth:`update`'s timing.
+        """
+        decay = self.decay
+        saved: Any = decay if not callable(decay) or isinstance(decay, Tensor) else None
+        return {
+            "format": _SETTINGS_FORMAT,
+            "decay": config_of(decay) if saved is None else saved,
+            "update_every": self.update_every,
+            "update_after": self.update_after,
+            "buffer_policy": self.buffer_policy,
+            "nonfinite": self.nonfinite,
+            "calls": self._calls,
+            "pending": int(self._pending),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved (checked first; see load_state_dict)."""
+        settings = _read_settings("EMA.load_state_dict", state)
+        if not self._keep_hyperparameters:
+            for name in ("decay", "update_every", "update_after", "buffer_policy", "nonfinite"):
+                if name in settings:
+                    setattr(self, name, settings[name])
+        self._calls, self._pending = settings["calls"], settings["pending"]
+
+    def load_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        strict: bool = True,
+        assign: bool = False,
+        *,
+        cast: bool = False,
+        keep_hyperparameters: bool = False,
+    ) -> Any:
+        """Load what :meth:`state_dict` saved, all of it checked before anything is written.
+
+        The averages, held buffers and counters, and the settings: the decay (or built-in
+        schedule), ``update_every``, ``update_after``, ``buffer_policy`` and ``nonfinite``
+        replace the constructor's, as torch_ema restores its decay (a schedule of your own
+        is not saved: the constructor's stays). Keys saved through a DDP or
+        ``torch.compile`` wrapper (``module.`` / ``_orig_mod.`` segments) are mapped to this
+        adapter's. Tensors may be on any device (they are copied). Frozen (or excluded)
+        parameters saved by a peer or an earlier version are ignored, and so is a missing
+        ``_extra_state`` (a checkpoint from before settings were saved).
+
+        Args:
+            state_dict: From :meth:`state_dict` (or :func:`from_peer`).
+            strict: Missing or unexpected keys are an error.
+            assign: Take the loaded tensors instead of copying into the current ones.
+            cast: Cast floating tensors of another floating dtype (e.g. a float32
+                checkpoint into an EMA of a float16 model) instead of raising; integer
+                counters and buffers must still match.
+            keep_hyperparameters: Keep the constructor's settings; load only the tensors
+                and counters.
 
         Raises:
             ValueError: Missing or unexpected keys (with ``strict``) or shape mismatches (all
-                differences listed in one message, dtype mismatches included), or a negative
-                step counter.
+                differences listed in one message, dtype mismatches included), a negative
+                step counter, or settings out of range.
             TypeError: ``state_dict`` is not a dict, or every difference is of type or dtype
-                (a value that is not a tensor, a tensor of another dtype).
+                (a value that is not a tensor, a tensor of another dtype without ``cast``).
         """
+        api = "EMA.load_state_dict"
+        own = self.state_dict(keep_vars=True)
+        settings = own.pop(_EXTRA)
         if isinstance(state_dict, dict):
-            frozen = {f"averages.{name}" for name in self._frozen_names}
-            if any(key in frozen for key in state_dict):
-                state_dict = {k: v for k, v in state_dict.items() if k not in frozen}
-        state_dict = check_state_dict(
-            "EMA.load_state_dict", state_dict, self.state_dict(keep_vars=True), strict=strict
-        )
+            unheld = {f"averages.{n}" for n in (*self._frozen_names, *self._excluded_buffers)}
+            state_dict = {k: v for k, v in state_dict.items() if k not in unheld}
+            saved = [
+                k for k in state_dict if isinstance(k, str) and strip_wrapper_prefixes(k) == _EXTRA
+            ]
+            if len(saved) == 1:  # through a DDP / torch.compile wrapper too
+                settings = state_dict.pop(saved[0])
+            if cast:
+                state_dict = _cast_like(state_dict, own)
+        state_dict = check_state_dict(api, state_dict, own, strict=strict)
+        _read_settings(api, settings)  # checked now: set_extra_state writes after the tensors
         self._planned = None
         self._version += 1
         if assign:
             self._forget()
             self._layout += 1
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._keep_hyperparameters = keep_hyperparameters
+        try:
+            return super().load_state_dict(
+                {**state_dict, _EXTRA: settings}, strict=strict, assign=assign
+            )
+        finally:
+            self._keep_hyperparameters = False

@@ -12,7 +12,8 @@ whose repr is the call that made them; any callable ``(t, dt) -> decay`` is a sc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,6 +103,13 @@ class _Schedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{self._api}({args})"
+
+    def config(self) -> dict[str, Any]:
+        """The schedule as plain values (``torch.load(weights_only=True)`` reads them back).
+
+        ``{"schedule": name, **parameters}``; :func:`from_config` makes the schedule again.
+        """
+        return {"schedule": self._api, **{name: getattr(self, name) for name in self._fields}}
 
 
 class _Constant(_Schedule):
@@ -330,3 +338,51 @@ def power(
     """
     profiles = parse("power", sigma_rel, gamma)
     return _Power(tuple(profiles.gammas) if profiles.several else profiles.gammas[0])
+
+
+def config_of(schedule: object) -> dict[str, Any] | None:
+    """A built-in schedule's :meth:`_Schedule.config`; ``None`` for any other callable."""
+    return schedule.config() if isinstance(schedule, _Schedule) else None
+
+
+_MAKERS: dict[str, Callable[..., _Schedule]] = {
+    "constant": constant,
+    "tf_warmup": tf_warmup,
+    "warmup": warmup,
+    "half_life": half_life,
+    "power": power,
+}
+
+
+def from_config(api: str, config: Mapping[str, Any], path: str) -> _Schedule:
+    """The built-in schedule a :meth:`_Schedule.config` describes, validated as it was made.
+
+    Raises:
+        ValueError: An unknown schedule name, or a parameter its function rejects.
+        TypeError: A parameter of the wrong type.
+    """
+    name = config.get("schedule")
+    if name not in _MAKERS:
+        raise wrong_value(
+            api,
+            "unknown schedule",
+            f"{path}['schedule']",
+            f"one of {sorted(_MAKERS)}",
+            describe(name),
+            "The checkpoint was written by another version or edited: load it with "
+            "keep_hyperparameters=True to keep the constructor's decay.",
+        )
+    parameters = {key: value for key, value in config.items() if key != "schedule"}
+    if isinstance(parameters.get("gamma"), list):
+        parameters["gamma"] = tuple(parameters["gamma"])
+    try:
+        return _MAKERS[name](**parameters)
+    except TypeError as error:
+        raise wrong_type(
+            api,
+            "schedule parameters that do not fit",
+            path,
+            f"the parameters of fe.{name}",
+            sorted(parameters),
+            f"{error}. Load with keep_hyperparameters=True to keep the constructor's decay.",
+        ) from None

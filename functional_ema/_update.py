@@ -20,7 +20,7 @@ import torch
 from optree import PyTreeSpec
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, copy_leaf, is_inexact
+from functional_ema._arith import average_leaf, copy_leaf, is_inexact, keep_finite
 from functional_ema._core import (
     WeightCache,
     check_policy,
@@ -199,11 +199,16 @@ def _check_call(
     dt = check_interval(api, dt)
     weights = WeightCache(*resolve_decay(api, decay, bound.state["step"], dt))
     if nonfinite == "raise":
-        raise_if_nonfinite(api, bound.state["params"], bound.shadow, bound.values, "params")
-        if "buffers" in bound.state and bound.buffer_policy == "average":
-            state_buffers = bound.state["buffers"]
-            raise_if_nonfinite(api, state_buffers, bound.held, bound.current, "buffers")
+        _raise_if_nonfinite(bound)
     return steps_covered(dt), weights
+
+
+def _raise_if_nonfinite(bound: Bound) -> None:
+    """``nonfinite="raise"``: reject NaN/Inf in what would be averaged, before any write."""
+    api, state = bound.api, bound.state
+    raise_if_nonfinite(api, state["params"], bound.shadow, bound.values, "params")
+    if "buffers" in state and bound.buffer_policy == "average":
+        raise_if_nonfinite(api, state["buffers"], bound.held, bound.current, "buffers")
 
 
 def _count_nonfinite(
@@ -481,3 +486,33 @@ def update_(
     check_argument_order("update_", decay, buffers)
     bound = validate("update_", state, params, buffers, buffer_policy)
     return apply_(bound, decay, dt, nonfinite)
+
+
+def follow_(bound: Bound, nonfinite: NonFinite = "skip") -> EmaState:
+    """Copy the values into ``bound.state``'s averages: they follow the weights exactly.
+
+    What a warm-up before averaging does (``EMA(..., update_after=n)``): each average becomes
+    a copy of its value (re-initialised, as :func:`init` makes it), the held buffers are
+    copied, and ``step`` is left as it is.
+    NaN/Inf values follow ``nonfinite`` as an update does: ``"raise"`` raises before any
+    write, ``"skip"`` keeps those elements of the averages and counts the call in
+    ``nonfinite_updates``, ``"propagate"`` copies them.
+    """
+    check_policy(bound.api, nonfinite)
+    if nonfinite == "raise":
+        _raise_if_nonfinite(bound)
+    flags: list[Tensor] | None = [] if nonfinite == "skip" else None
+    averaged = list(zip(bound.shadow, bound.values, strict=True))
+    copied = list(zip(bound.held, bound.current, strict=True))
+    if bound.buffer_policy == "average":
+        averaged, copied = averaged + copied, []
+    with torch.no_grad():
+        for shadow, value in averaged:
+            if flags is not None and is_inexact(shadow):
+                value, finite = keep_finite(shadow, value)
+                flags.append(finite.all())
+            copy_leaf(shadow, value, inplace=True)
+        for held, current in copied:
+            copy_leaf(held, current, inplace=True)
+        _count_nonfinite(bound.state["nonfinite_updates"], flags or [], inplace=True)
+    return bound.state
