@@ -927,6 +927,58 @@ def write_plot(path: Path, sections: list[Section], title: str) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- offloading
+
+
+def check_offload(device: torch.device) -> bool:
+    """``EMA(model, decay, device="cpu", pin_memory=True)`` of a model on ``device``.
+
+    The averages live in pinned host memory and each update is staged through two bounded
+    pinned buffers: its bits must equal those of an EMA on the model's device (a NaN step
+    included), and the staging must stay within its bound. On the CPU the averages share the
+    model's device and no staging happens (the staged path is tested by the test suite).
+    """
+    from functional_ema._offload import STAGING_BYTES, Staging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2048), nn.BatchNorm1d(2048), nn.Linear(2048, 64))
+    model = model.to(device)
+    pin = device.type == "cuda"
+    here = fe.EMA(model, fe.tf_warmup(0.999))
+    away = fe.EMA(model, fe.tf_warmup(0.999), device="cpu", pin_memory=pin)
+    away._staging = Staging(limit=1 << 20)  # several chunks for this 1.2M-parameter model
+    for call in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            if call == 3:
+                model[2].weight[0, 0] = float("nan")
+        model(torch.randn(8, 512, device=device))
+        here.update()
+        away.update()
+    ours = {k: v.cpu() for k, v in here.state_dict().items() if isinstance(v, torch.Tensor)}
+    theirs = {k: v for k, v in away.state_dict().items() if isinstance(v, torch.Tensor)}
+    same = all(
+        torch.equal(
+            ours[k].view(-1).view(torch.uint8) if ours[k].is_floating_point() else ours[k],
+            theirs[k].view(-1).view(torch.uint8) if theirs[k].is_floating_point() else theirs[k],
+        )
+        for k in ours
+    )
+    buffers = away._staging.buffers
+    bounded = all(b.numel() <= max(1 << 20, STAGING_BYTES) for b in buffers)
+    pinned = all(b.is_pinned() for b in buffers) if pin else not buffers
+    on_cpu = all(t.device.type == "cpu" for t in theirs.values())
+    passed = same and bounded and pinned and on_cpu
+    print(
+        f"offloaded averages ({device.type} model, averages on cpu, pinned={pin}): "
+        f"bits {'equal' if same else 'DIFFER'}, {len(buffers)} staging buffers "
+        f"(pinned: {pinned}, bounded: {bounded}): {'PASS' if passed else 'FAIL'}",
+        flush=True,
+    )
+    return passed
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -977,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     tf_results = check_tf_bits(device, switch, kernel=args.kernel_replay)
+    offload_passed = check_offload(device)
     print(f"   TF replays took {time.perf_counter() - begin:.0f} s", flush=True)
     sections = [time_model(key, args, switch) for key in args.models]
 
@@ -997,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     report = args.out / f"{stem}.md"
     write_report(report, run, tf_results, sections, plot)
     print(f"wrote {report}\ntotal {run['seconds'] / 60:.1f} min", flush=True)
+    if not offload_passed:
+        print("FAIL: offloaded averages differ from the on-device EMA (see above)", flush=True)
+        return 1
     failed = [r for r in tf_results if not r.passed]
     if failed:
         print(f"FAIL: {len(failed)} TF replays differ from TensorFlow (see above)", flush=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from functional_ema._arith import is_inexact
-from functional_ema._core import check_policy
+from functional_ema._core import check_policy, raise_if_nonfinite
 from functional_ema._decay import check_decay, check_interval
 from functional_ema._engine import flat_view, pack
 from functional_ema._errors import (
@@ -30,6 +30,7 @@ from functional_ema._errors import (
 from functional_ema._fingerprint import Fingerprint
 from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, reshard
 from functional_ema._module import apply, check_materialised, check_unwrapped, module_state
+from functional_ema._offload import Staging, staged_update
 from functional_ema._restore import check_state_dict, unwrap_keys
 from functional_ema._schedules import config_of, from_config, tf_warmup
 from functional_ema._state import EmaState, init
@@ -142,6 +143,7 @@ _ADDED_LATER: dict[str, Any] = {
     "_pending": 0,
     "_excluded_buffers": [],
     "_keep_hyperparameters": False,
+    "_offload": False,
 }
 """Attributes an ``EMA`` pickled by an earlier version lacks, with the values it behaved by."""
 
@@ -149,6 +151,59 @@ _EXTRA = "_extra_state"
 _SETTINGS_FORMAT = 1
 
 _UPDATE_FIX = "Updating now would average the averages into themselves: call update()"
+
+
+def _check_offload(
+    api: str, model: nn.Module, device: torch.device | str | None, pin_memory: bool
+) -> torch.device:
+    """The device for the averages (``device=``, ``pin_memory=``), checked."""
+    try:
+        target = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise wrong_value(
+            api,
+            "not a device",
+            "device",
+            "a torch.device or a name like 'cpu'",
+            describe(device),
+            "Pass device='cpu' to keep the averages in host memory.",
+        ) from None
+    if fsdp_modules(model):
+        raise wrong_value(
+            api,
+            "averages on another device for an FSDP2 model",
+            "device",
+            "None (each rank averages its own shard where it is)",
+            str(target),
+            "Leave device unset: FSDP2 shards are already a fraction of the model per rank.",
+        )
+    if pin_memory and (target.type != "cpu" or not _pinning_available()):
+        got = f"device={str(target)!r}" if target.type != "cpu" else "no accelerator here"
+        raise wrong_value(
+            api,
+            "pin_memory without an accelerator to copy to",
+            "pin_memory",
+            "averages in host memory (device='cpu') on a machine with an accelerator",
+            got,
+            "Pinned memory only speeds up copies to an accelerator: drop pin_memory=True.",
+        )
+    return target
+
+
+def _pinning_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()  # pragma: no cover - torch without torch.accelerator
+
+
+def _pinned(tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.pin_memory() for name, tensor in tree.items()}
+
+
+def _on_meta(tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Data-less copies (shape, dtype, strides): checked without copying across devices."""
+    return {name: tensor.to("meta") for name, tensor in tree.items()}
 
 
 def _read_settings(api: str, state: Any) -> dict[str, Any]:
@@ -253,6 +308,15 @@ class EMA(nn.Module):
             leave out: they behave like frozen parameters (not held; the shadow, :meth:`swap`
             and :meth:`copy_to` use the live tensors), as ema-pytorch's
             ``param_or_buffer_names_no_ema``. A pattern matching nothing is an error.
+        device: Keep the averages on this device, e.g. ``"cpu"`` for a big model trained
+            on a GPU (AveragedModel's ``device=``, diffusers' ``offload_ema``). Each update
+            copies the weights through two staging buffers of at most 64 MiB (pinned when
+            the model is on an accelerator), with non-blocking copies overlapping the
+            arithmetic of the previous chunk: no full extra copy, the same bits as on the
+            model's device. Eval, :meth:`swap` and :meth:`copy_to` bring the averages back
+            to the model's device. Not for FSDP2 models (their shards are already small).
+        pin_memory: Pin the averages in host memory (with ``device="cpu"`` on a machine
+            with an accelerator): faster, asynchronous copies back for evaluation.
 
     Raises:
         ValueError: For a wrapper, an ``EMA`` of an ``EMA``, a sparse or meta tensor, or a
@@ -305,6 +369,8 @@ class EMA(nn.Module):
         update_every: int = 1,
         update_after: int = 0,
         exclude: Sequence[str] = (),
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
     ) -> None:
         """Make the averages: copies of the model's trainable parameters and buffers.
 
@@ -358,7 +424,17 @@ class EMA(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        if device is not None or pin_memory:
+            device = _check_offload(api, model, device, pin_memory)
+            params = {name: t.detach().to(device) for name, t in params.items()}
+            buffers = {name: t.detach().to(device) for name, t in buffers.items()}
         state = init(params, buffers, dtype=dtype)
+        if pin_memory:
+            state = {
+                **state,
+                "params": _pinned(state["params"]),
+                "buffers": _pinned(state["buffers"]),
+            }
         # The live model is a template, not a submodule: not in state_dict, not moved by .to().
         object.__setattr__(self, "_model", model)
         self.decay: Decay | Schedule = (
@@ -374,6 +450,8 @@ class EMA(nn.Module):
         self._buffer_names = list(buffers)
         self._frozen_names = [name for name in everything if name not in params]
         self._excluded_buffers = [name for name in excluded if name not in everything]
+        self._offload = device is not None  # averages elsewhere: updates staged (_offload)
+        self._staging = Staging()
         self._swapped = False
         self._stored: AbstractContextManager[nn.Module] | None = None
         self._warned_eval = False
@@ -495,18 +573,66 @@ class EMA(nn.Module):
             if not warming and (calls - self.update_after) % self.update_every:
                 self._calls, self._pending = calls, pending  # between updates: nothing read
                 return
-            planned, followed = self._current("EMA.update")
-            with torch.no_grad():
-                if warming:
-                    follow_(planned.bound, self.nonfinite)
-                else:
-                    apply_(planned.bound, self.decay, pending, self.nonfinite)
-            if followed:  # written: now they are the held buffers
-                _register_tree(self.averages, followed)
-                self._layout += 1
-            self._planned = planned
+            if self._offload and self._elsewhere():
+                self._staged_update(warming, pending)
+            else:
+                planned, followed = self._current("EMA.update")
+                with torch.no_grad():
+                    if warming:
+                        follow_(planned.bound, self.nonfinite)
+                    else:
+                        apply_(planned.bound, self.decay, pending, self.nonfinite)
+                if followed:  # written: now they are the held buffers
+                    _register_tree(self.averages, followed)
+                    self._layout += 1
+                self._planned = planned
             self._version += 1
             self._calls, self._pending = calls, 0
+
+    def _elsewhere(self) -> bool:
+        """Whether the averages are on another device than the model's values (``device=``)."""
+        state = self.state()
+        held = next(iter({**state["params"], **state["buffers"]}.values()), None)
+        if held is None:
+            return False
+        live = (*self._model.parameters(), *self._model.buffers())
+        return any(t.device != held.device for t in live)
+
+    def _staged_update(self, warming: bool, dt: int | Tensor) -> None:
+        """The update of averages on another device, staged chunk by chunk (``_offload``).
+
+        Everything is checked first (names, shapes and dtypes on meta copies, NaN/Inf for
+        ``nonfinite="raise"``), so no chunk raises once writing began.
+        """
+        api = "EMA.update"
+        params, buffers, _ = self._live(api)
+        state = self.state()
+        followed = self._followed_buffers(state["buffers"], buffers)
+        state["buffers"].update(followed)
+        meta: EmaState = {
+            **state,
+            "params": _on_meta(state["params"]),
+            "buffers": _on_meta(state["buffers"]),
+        }
+        validate(api, meta, _on_meta(params), _on_meta(buffers), self.buffer_policy)
+        if self.nonfinite == "raise":
+            names = ("params", "buffers") if self.buffer_policy == "average" else ("params",)
+            for name, values in zip(names, (params, buffers), strict=False):
+                ordered = dict(sorted(values.items()))  # optree's order, as leaf paths name it
+                held = [state[name][key] for key in ordered]  # type: ignore[literal-required]
+                raise_if_nonfinite(api, ordered, held, list(ordered.values()), name)
+        nonfinite, decay = self.nonfinite, self.decay
+
+        def run(bound: Bound) -> object:
+            if warming:
+                return follow_(bound, nonfinite)
+            return apply_(bound, decay, dt, nonfinite)
+
+        with torch.no_grad():
+            staged_update(api, state, params, buffers, self.buffer_policy, self._staging, run)
+        if followed:
+            _register_tree(self.averages, followed)
+            self._layout += 1
 
     def _current(self, api: str) -> tuple[_Planned, dict[str, Tensor]]:
         """The plan for the model as it is now, and the buffers it follows (not kept yet).
@@ -640,10 +766,10 @@ class EMA(nn.Module):
             copied = self.buffer_policy == "copy" or not is_inexact(mine)
             if (
                 copied
-                and mine.device == tensor.device
+                and (mine.device == tensor.device or self._offload)
                 and (mine.shape != tensor.shape or mine.dtype != tensor.dtype)
             ):
-                followed[name] = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                followed[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device=mine.device)
         return followed
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMA:
@@ -717,6 +843,8 @@ class EMA(nn.Module):
             **state["buffers"],
             **{name: own[name].detach() for name in unheld if name in own},
         }
+        if self._offload:  # averages on another device: brought to the module's
+            held = {n: t.to(live[n].device) if n in live else t for n, t in held.items()}
         check_pair("EMA", held, live, ("averages", "module"))
         return {name: held[name].to(live[name].dtype) for name in live}
 
