@@ -75,29 +75,29 @@ def _check_count(api: str, path: str, value: object, least: int) -> int:
     return value
 
 
-def _excluded(api: str, patterns: Sequence[str], names: list[str]) -> list[str]:
+def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) -> list[str]:
     """The names matched by ``patterns`` (exact names or ``fnmatch`` globs), in model order.
 
     Raises:
         TypeError: ``patterns`` is a string (not a list of them) or holds a non-string.
         ValueError: A pattern that matches no parameter or buffer (a typo would silently
-            average what it meant to leave out).
+            leave out what it meant).
     """
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
         raise wrong_type(
             api,
-            "exclude of the wrong type",
-            "exclude",
+            f"{path} of the wrong type",
+            path,
             "a list of names or glob patterns",
             describe(patterns),
-            "Write exclude=['head.*'] (a list, even for one pattern).",
+            f"Write {path}=['head.*'] (a list, even for one pattern).",
         )
     for index, pattern in enumerate(patterns):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise wrong_value(
                 api,
-                f"an exclusion that matches nothing ({pattern!r})",
-                f"exclude[{index}]",
+                f"a pattern that matches nothing ({pattern!r})",
+                f"{path}[{index}]",
                 "a parameter or buffer name, or a glob matching some",
                 f"no match among {short_list(names)}",
                 "Check the name against dict(model.named_parameters()) and "
@@ -144,6 +144,7 @@ _ADDED_LATER: dict[str, Any] = {
     "_excluded_buffers": [],
     "_keep_hyperparameters": False,
     "_offload": False,
+    "_dtype": None,
 }
 """Attributes an ``EMA`` pickled by an earlier version lacks, with the values it behaved by."""
 
@@ -406,7 +407,7 @@ class EMA(nn.Module):
         check_materialised(api, model, "before creating the EMA")
         everything, buffers = module_state(model, trainable_only=False)
         check_dense_leaves(api, {**everything, **buffers}, "model", meta=False)
-        excluded = _excluded(api, exclude, [*everything, *buffers])
+        excluded = _matching(api, "exclude", exclude, [*everything, *buffers])
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         params = {n: t for n, t in everything.items() if n in trainable and n not in excluded}
         buffers = {name: t for name, t in buffers.items() if name not in excluded}
@@ -451,6 +452,7 @@ class EMA(nn.Module):
         self._frozen_names = [name for name in everything if name not in params]
         self._excluded_buffers = [name for name in excluded if name not in everything]
         self._offload = device is not None  # averages elsewhere: updates staged (_offload)
+        self._dtype = dtype
         self._staging = Staging()
         self._swapped = False
         self._stored: AbstractContextManager[nn.Module] | None = None
@@ -1005,22 +1007,146 @@ class EMA(nn.Module):
         return apply(self._model, params, buffers, *args, **kwargs)
 
     @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
+    def copy_to(self, module: nn.Module, names: Sequence[str] | None = None) -> None:
         """Copy the averages, the frozen parameters and the held buffers into ``module``.
+
+        TF's ``variables_to_restore()`` loaded into a model; with ``names``, the subset
+        ``variables_to_restore(moving_avg_variables=...)`` restores (the rest of ``module``
+        is left as it is).
 
         Args:
             module: A model with the tracked model's names and shapes (e.g. a fresh instance
                 for export); floating values are cast to its dtypes. Its frozen parameters get
                 the live model's values (the EMA does not hold them).
+            names: Only these parameters and buffers: names or ``fnmatch`` globs
+                (``["backbone.*"]``); each must match something.
 
         Raises:
-            ValueError: If names, shapes or devices differ (checked before any write).
+            ValueError: If names, shapes or devices differ, or a pattern of ``names``
+                matches nothing (checked before any write).
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> ema = fe.EMA(model, 0.5)
+            >>> with torch.no_grad():
+            ...     _ = model[1].weight.add_(1.0)
+            >>> ema.update()
+            >>> fresh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> ema.copy_to(fresh, names=["1.*"])  # only the head's averages
+            >>> torch.equal(fresh[1].weight, ema.average("1.weight"))
+            True
         """
-        check_unwrapped("EMA.copy_to", module)
+        api = "EMA.copy_to"
+        check_unwrapped(api, module)
         values = self._values_for(module)
         live_params, live_buffers = module_state(module, trainable_only=False)
-        for name, tensor in {**live_params, **live_buffers}.items():
-            tensor.copy_(values[name])
+        live = {**live_params, **live_buffers}
+        chosen = list(live) if names is None else _matching(api, "names", names, list(live))
+        for name in chosen:
+            live[name].copy_(values[name])
+
+    def average(self, name: str | Tensor) -> Tensor:
+        """The average of one parameter (or the held copy of one buffer), by the model's name.
+
+        TF's ``ema.average(var)``: the tensor itself (no copy; writing into it writes the
+        average). ``name`` may also be the live parameter or buffer object.
+
+        Raises:
+            ValueError: For a frozen or excluded parameter (not averaged: the shadow uses the
+                live one), or a name the model does not have.
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> model = torch.nn.Linear(2, 1)
+            >>> ema = fe.EMA(model, 0.9)
+            >>> torch.equal(ema.average("weight"), ema.average(model.weight))
+            True
+        """
+        api = "EMA.average"
+        if isinstance(name, Tensor):
+            by_id = {
+                id(t): n for n, t in (*self._model.named_parameters(), *self._model.named_buffers())
+            }
+            if id(name) not in by_id:
+                raise wrong_value(
+                    api,
+                    "a tensor that is not the model's",
+                    "name",
+                    "a parameter or buffer of ema.model, or its name",
+                    describe(name),
+                    "Pass the name, e.g. ema.average('0.weight'), or model.<layer>.weight.",
+                )
+            name = by_id[id(name)]
+        held = {**self.state()["params"], **self.state()["buffers"]}
+        if name in held:
+            return held[name]
+        unheld = {*self._frozen_names, *self._excluded_buffers}
+        raise wrong_value(
+            api,
+            "frozen or excluded, not averaged" if name in unheld else "no such name",
+            name,
+            f"one of the averaged names {short_list(sorted(held))}",
+            "a frozen or excluded tensor (the shadow uses the live one)"
+            if name in unheld
+            else describe(name),
+            "Use the live tensor, or add it to the averages with ema.extend([name])."
+            if name in unheld
+            else "Names are the model's, as in dict(model.named_parameters()).",
+        )
+
+    def extend(self, names: Sequence[str] | None = None) -> list[str]:
+        """Average more parameters from now on, as TF's ``apply()`` with a longer ``var_list``.
+
+        For progressive unfreezing: each new average starts at the parameter's current value
+        (TF's initialisation), in the EMA's ``dtype`` and on its averages' device; ``step``,
+        the schedule and the existing averages go on as they are. Nothing is written until
+        every name is checked.
+
+        Args:
+            names: Names or ``fnmatch`` globs of parameters (frozen or excluded ones);
+                ``None`` adds every parameter trainable now that is not averaged yet.
+                Names already averaged are left as they are.
+
+        Returns:
+            The names added, in the model's order.
+
+        Raises:
+            ValueError: A pattern that matches no parameter; inside :meth:`swap` or between
+                :meth:`store` and :meth:`restore` (``RuntimeError``).
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> _ = model[0].requires_grad_(False)  # a frozen backbone
+            >>> ema = fe.EMA(model, 0.9)
+            >>> _ = model[0].requires_grad_(True)  # unfrozen later
+            >>> ema.extend()
+            ['0.weight', '0.bias']
+        """
+        api = "EMA.extend"
+        with self._lock:
+            self._refuse_while_stored(api, "called", "Extend the averages")
+            params = dict(self._model.named_parameters())
+            if names is None:
+                chosen = [n for n, p in params.items() if p.requires_grad]
+            else:
+                chosen = _matching(api, "names", names, list(params))
+            averaged = set(self._param_names)
+            added = [n for n in chosen if n not in averaged]
+            if not added:
+                return []
+            held = next(iter(self.state()["params"].values()), None)
+            device = held.device if held is not None else None
+            values = {n: params[n].detach().to(device or params[n].device) for n in added}
+            state = init(values, dtype=self._dtype)
+            _register_tree(self.averages, state["params"])
+            self._param_names += added
+            self._frozen_names = [n for n in self._frozen_names if n not in set(added)]
+            self._forget()
+            self._layout += 1
+            self._version += 1
+            return added
 
     def store(self) -> nn.Module:
         """Put the averages into the live model until :meth:`restore` (two calls of ``swap``).

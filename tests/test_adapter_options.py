@@ -221,7 +221,7 @@ def test_exclude_matches_ema_pytorch_no_ema_names() -> None:
 @pytest.mark.parametrize(
     ("exclude", "error", "match"),
     [
-        (["nope.*"], ValueError, r"matches nothing \('nope.\*'\) at 'exclude\[0\]'"),
+        (["nope.*"], ValueError, r"a pattern that matches nothing \('nope.\*'\) at 'exclude\[0\]'"),
         ("2.*", TypeError, r"exclude of the wrong type at 'exclude'"),
     ],
 )
