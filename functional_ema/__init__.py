@@ -15,9 +15,11 @@ layers below it (import-linter checks this in CI, with the contracts in ``pyproj
    banks), ``_schedules``.
 4. Persistence: ``_io`` (atomic saves, verified loads), ``_restore`` (checks of a loaded
    state).
-5. Module glue: ``_fsdp``, ``_fingerprint``, ``_module`` (module state, ``apply``, exports),
+5. Module glue: ``_fsdp``, ``_fingerprint``, ``_offload`` (averages on another device,
+   updated through bounded staging buffers), ``_module`` (module state, ``apply``, exports),
    ``_swap`` (averages swapped into a live model).
-6. Adapters: ``_adapter`` (``EMA``) and ``_posthoc`` (EDM2's post-hoc EMA).
+6. Adapters: ``_adapter`` (``EMA``), ``_posthoc`` (EDM2's post-hoc EMA) and ``_peers``
+   (``from_peer``: the peers' checkpoints).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +37,7 @@ from functional_ema._module import apply as apply
 from functional_ema._module import flatten_parameters_ as flatten_parameters_
 from functional_ema._module import full_state_dict as full_state_dict
 from functional_ema._module import module_state as module_state
+from functional_ema._peers import from_peer as from_peer
 from functional_ema._posthoc import PostHocState as PostHocState
 from functional_ema._posthoc import Reconstruction as Reconstruction
 from functional_ema._posthoc import Snapshot as Snapshot
@@ -81,6 +84,7 @@ __all__ = [
     "ema_update_bank",
     "ema_update_bank_",
     "flatten_parameters_",
+    "from_peer",
     "full_state_dict",
     "gamma_to_sigma_rel",
     "half_life",

@@ -1413,7 +1413,9 @@ class EMA(nn.Module):
         settings = own.pop(_EXTRA)
         if isinstance(state_dict, dict):
             unheld = {f"averages.{n}" for n in (*self._frozen_names, *self._excluded_buffers)}
-            state_dict = {k: v for k, v in state_dict.items() if k not in unheld}
+            if all(isinstance(key, str) for key in state_dict):  # after the wrapper mapping
+                mapping = unwrap_keys(state_dict, [*own, *unheld])
+                state_dict = {k: v for k, v in state_dict.items() if mapping[k] not in unheld}
             saved = [
                 k for k in state_dict if isinstance(k, str) and strip_wrapper_prefixes(k) == _EXTRA
             ]
