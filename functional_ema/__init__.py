@@ -56,10 +56,12 @@ from functional_ema._schedules import tf_warmup as tf_warmup
 from functional_ema._schedules import warmup as warmup
 from functional_ema._state import EmaState as EmaState
 from functional_ema._state import average as average
+from functional_ema._state import extend as extend
 from functional_ema._state import init as init
 from functional_ema._swap import swapped as swapped
 from functional_ema._update import update as update
 from functional_ema._update import update_ as update_
+from functional_ema._weighted import weighted_moving_average as weighted_moving_average
 
 
 try:
@@ -83,6 +85,7 @@ __all__ = [
     "ema_update_",
     "ema_update_bank",
     "ema_update_bank_",
+    "extend",
     "flatten_parameters_",
     "from_peer",
     "full_state_dict",
@@ -104,4 +107,5 @@ __all__ = [
     "update",
     "update_",
     "warmup",
+    "weighted_moving_average",
 ]

@@ -6,7 +6,8 @@ policy check and the ``nonfinite="raise"`` check.
 
 from __future__ import annotations
 
-from typing import cast
+import struct
+from typing import Literal, TypeAlias, cast
 
 import optree
 import torch
@@ -21,16 +22,42 @@ from functional_ema._tree import check_pair, leaf_paths
 from functional_ema._types import Decay, NonFinite, T
 
 
+TfOp: TypeAlias = Literal["apply", "assign_moving_average"]
+"""Which TensorFlow op's weight ``1 - decay`` an update reproduces (see :func:`tf_op_weight`)."""
+
+TF_OPS: tuple[TfOp, ...] = ("apply", "assign_moving_average")
+
+
+def tf_op_weight(decay: Decay, tf_op: TfOp = "apply") -> float | Tensor:
+    """The weight ``1 - decay`` as the TensorFlow op ``tf_op`` computes it, before the leaf cast.
+
+    - ``"apply"``: ``ExponentialMovingAverage.apply`` converts the decay to float32 first,
+      ``float32(1) - float32(decay)`` (:func:`_decay.averaging_weight`).
+    - ``"assign_moving_average"`` called directly: ``convert_to_tensor(1.0 - decay)``. For a
+      Python number the subtraction is Python's (float64), rounded once to float32 when
+      converted; for a tensor it runs in the tensor's own dtype (a float64 decay gives a
+      float64 weight, never rounded to float32).
+
+    Either way the result is then cast to each leaf's dtype (:func:`_decay.weight_as`).
+    """
+    if tf_op == "apply":
+        return averaging_weight(decay)
+    if isinstance(decay, Tensor):
+        return 1 - decay
+    return struct.unpack("f", struct.pack("f", 1.0 - decay))[0]
+
+
 class WeightCache:
     """The averaging weight of one call, cast once per leaf dtype.
 
     ``valid``: the call's device-side range check (:func:`_decay.unread_in_range`), a 0-dim
     bool not read on the host, or ``None`` when the host checked every value. Where it is
     false the update leaves the averages unchanged and counts as a skipped update.
+    ``tf_op``: whose weight (:func:`tf_op_weight`); TF's ``apply`` unless told otherwise.
     """
 
-    def __init__(self, decay: Decay, valid: Tensor | None = None) -> None:
-        self._weight = averaging_weight(decay)
+    def __init__(self, decay: Decay, valid: Tensor | None = None, *, tf_op: TfOp = "apply") -> None:
+        self._weight = tf_op_weight(decay, tf_op)
         self._by_dtype: dict[torch.dtype, float | Tensor] = {}
         self.valid = valid
 
@@ -99,8 +126,28 @@ def raise_if_nonfinite(
             )
 
 
+def check_tf_op(api: str, tf_op: object) -> None:
+    """Validate the TF op whose weight an update reproduces."""
+    check_choice(
+        api,
+        "tf_op",
+        tf_op,
+        TF_OPS,
+        "'apply' (the default) is ExponentialMovingAverage.apply; 'assign_moving_average' is "
+        "that function called directly with this decay (it computes 1 - decay before the "
+        "float32 conversion).",
+    )
+
+
 def _ema_update(
-    api: str, shadow: T, params: T, decay: Decay, *, inplace: bool, nonfinite: NonFinite
+    api: str,
+    shadow: T,
+    params: T,
+    decay: Decay,
+    *,
+    inplace: bool,
+    nonfinite: NonFinite,
+    tf_op: TfOp = "apply",
 ) -> T:
     if callable(decay) and not isinstance(decay, Tensor):
         raise wrong_type(
@@ -116,6 +163,7 @@ def _ema_update(
     decay = check_decay(api, decay)
     valid = unread_in_range(decay)
     check_policy(api, nonfinite)
+    check_tf_op(api, tf_op)
     shadow_leaves, params_leaves, spec = check_pair(api, shadow, params)
     # DTensor pairs update their local shards: shard-local, no collective.
     shadow_leaves, params_leaves, templates = localize(
@@ -124,7 +172,7 @@ def _ema_update(
     if nonfinite == "raise":
         raise_if_nonfinite(api, shadow, shadow_leaves, params_leaves, "params")
     mask = nonfinite == "skip"
-    weights = WeightCache(decay, valid)
+    weights = WeightCache(decay, valid, tf_op=tf_op)
     if inplace and fast_path_ok(*shadow_leaves, *params_leaves):
         build_plan(*split_by_kind(list(zip(shadow_leaves, params_leaves, strict=True)))).run(
             weights, mask=mask, valid=valid
@@ -141,10 +189,18 @@ def _ema_update(
     return shadow if inplace else cast(T, optree.tree_unflatten(spec, rewrap(templates, new)))
 
 
-def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
+def ema_update(
+    shadow: T,
+    params: T,
+    decay: Decay,
+    *,
+    nonfinite: NonFinite = "skip",
+    tf_op: TfOp = "apply",
+) -> T:
     r"""Return the moving average of ``shadow`` towards ``params`` as a new tree.
 
-    Per floating leaf, exactly as TensorFlow's ``assign_moving_average``:
+    Per floating leaf, exactly as TensorFlow's ``ExponentialMovingAverage.apply`` (which calls
+    ``assign_moving_average`` with the decay converted to a float32 tensor):
 
     .. math::
         w = \mathrm{cast}_{\mathrm{dtype}}\big(\mathrm{f32}(1) - \mathrm{f32}(\beta)\big), \qquad
@@ -154,6 +210,17 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
     for bit in float32, float64, float16 and bfloat16 (``torch.lerp`` and
     ``decay * s + (1 - decay) * p`` round differently). Integer and bool leaves (e.g.
     BatchNorm's ``num_batches_tracked``) are copied from ``params``, never averaged.
+
+    ``assign_moving_average(variable, value, decay)`` called directly (as TF1-era batch-norm
+    code does for its moving statistics) computes the weight otherwise when ``decay`` is a
+    Python number: ``w = cast_dtype(f32(1.0 - β))``, the subtraction in float64 and one
+    rounding to float32. At ``β = 0.999`` that weight is ``1.0000000475e-3`` instead of
+    ``0.99998713e-3``, 1.3e-5 larger relative to it: an update then differs from TF's by an
+    ulp or two in a few float32 averages (2 of 16 in the recorded case) and, by that relative
+    1.3e-5 of its step, in every float64 one.
+    ``tf_op="assign_moving_average"`` gives that op's bits (and, for a tensor ``β``,
+    computes ``1 - β`` in its own dtype, as TF does: a float64 decay gives a float64
+    weight).
 
     Args:
         shadow: The running averages: any optree pytree of tensors. Not modified.
@@ -170,6 +237,9 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
             average unchanged (no host sync); ``"raise"``: a ``ValueError`` naming the leaf,
             before anything is written (reads a flag on the host); ``"propagate"``: average
             it in, as TF does.
+        tf_op: ``"apply"`` (default): the bits of ``ExponentialMovingAverage.apply``;
+            ``"assign_moving_average"``: those of ``assign_moving_average(shadow, params,
+            decay, zero_debias=False)`` called with this ``decay``.
 
     Returns:
         A new tree like ``shadow``. It is differentiable with respect to ``params`` like any
@@ -177,23 +247,38 @@ def ema_update(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "sk
 
     Raises:
         ValueError: If structure, shapes or devices differ, ``decay`` is out of range,
-            ``nonfinite`` is not one of its options, or (with ``nonfinite="raise"``)
-            ``params`` holds NaN or Inf.
-        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` or
-            ``nonfinite`` has the wrong type.
+            ``nonfinite`` or ``tf_op`` is not one of its options, or (with
+            ``nonfinite="raise"``) ``params`` holds NaN or Inf.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay``,
+            ``nonfinite`` or ``tf_op`` has the wrong type.
 
     Example:
         >>> import torch, functional_ema as fe
         >>> fe.ema_update({"w": torch.zeros(2)}, {"w": torch.ones(2)}, decay=0.9)
         {'w': tensor([0.1000, 0.1000])}
+        >>> x = {"w": torch.tensor([1.0], dtype=torch.float64)}
+        >>> zero = {"w": torch.zeros(1, dtype=torch.float64)}
+        >>> fe.ema_update(zero, x, 0.999)["w"].item()  # apply: f32(1) - f32(0.999)
+        0.0009999871253967285
+        >>> fe.ema_update(zero, x, 0.999, tf_op="assign_moving_average")["w"].item()
+        0.0010000000474974513
 
     See also: :func:`ema_update_` (in place), :func:`update` (state with step counter).
     """
-    return _ema_update("ema_update", shadow, params, decay, inplace=False, nonfinite=nonfinite)
+    return _ema_update(
+        "ema_update", shadow, params, decay, inplace=False, nonfinite=nonfinite, tf_op=tf_op
+    )
 
 
 @torch.no_grad()
-def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "skip") -> T:
+def ema_update_(
+    shadow: T,
+    params: T,
+    decay: Decay,
+    *,
+    nonfinite: NonFinite = "skip",
+    tf_op: TfOp = "apply",
+) -> T:
     r"""In-place twin of :func:`ema_update`: update ``shadow``'s tensors and return ``shadow``.
 
     Same TF step and bits as :func:`ema_update`; runs under ``torch.no_grad()``. Every
@@ -207,16 +292,18 @@ def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "s
         params: A tree with the structure, shapes and devices of ``shadow``. Not modified.
         decay: :math:`\beta \in [0, 1]`, a Python float or a 0-dim floating tensor.
         nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in :func:`ema_update`.
+        tf_op: ``"apply"`` or ``"assign_moving_average"``: whose weight :math:`w`, as in
+            :func:`ema_update`.
 
     Returns:
         ``shadow`` itself.
 
     Raises:
         ValueError: If structure, shapes or devices differ, ``decay`` is out of range,
-            ``nonfinite`` is not one of its options, or (with ``nonfinite="raise"``)
-            ``params`` holds NaN or Inf.
-        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay`` or
-            ``nonfinite`` has the wrong type.
+            ``nonfinite`` or ``tf_op`` is not one of its options, or (with
+            ``nonfinite="raise"``) ``params`` holds NaN or Inf.
+        TypeError: If a leaf is not a tensor, a dtype cannot be averaged, or ``decay``,
+            ``nonfinite`` or ``tf_op`` has the wrong type.
 
     Example:
         >>> import torch, functional_ema as fe
@@ -225,4 +312,6 @@ def ema_update_(shadow: T, params: T, decay: Decay, *, nonfinite: NonFinite = "s
         >>> shadow
         {'w': tensor([0.1000, 0.1000])}
     """
-    return _ema_update("ema_update_", shadow, params, decay, inplace=True, nonfinite=nonfinite)
+    return _ema_update(
+        "ema_update_", shadow, params, decay, inplace=True, nonfinite=nonfinite, tf_op=tf_op
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, TypedDict
 
 import optree
@@ -119,6 +121,26 @@ def init(
         (torch.float32, 0)
     """
     api = "init"
+    _check_new_trees(
+        api,
+        params,
+        buffers,
+        dtype,
+        "Take the module's tensors first: params, buffers = fe.module_state(model); "
+        "state = fe.init(params, buffers). Or keep the module: ema = fe.EMA(model, decay).",
+    )
+    return _fresh(params, buffers, zero_debias=zero_debias, dtype=dtype)
+
+
+def _check_new_trees(
+    api: str, params: TensorTree, buffers: TensorTree | None, dtype: torch.dtype | None, fix: str
+) -> None:
+    """The checks of trees that start averages (:func:`init`, :func:`extend`).
+
+    Raises:
+        TypeError: A module instead of a tree, a non-tensor or non-dense leaf, or a ``dtype``
+            that is not floating.
+    """
     for name, tree in (("params", params), ("buffers", buffers)):
         if isinstance(tree, torch.nn.Module):
             raise wrong_type(
@@ -127,16 +149,25 @@ def init(
                 name,
                 "a pytree of tensors (e.g. a dict of them)",
                 describe(tree),
-                "Take the module's tensors first: params, buffers = fe.module_state(model); "
-                "state = fe.init(params, buffers). Or keep the module: ema = fe.EMA(model, "
-                "decay).",
+                fix,
             )
-    leaves, _ = check_tensor_leaves(api, params, "params")
+    check_tensor_leaves(api, params, "params")
     check_dense_leaves(api, params, "params")
     if buffers is not None:
         check_tensor_leaves(api, buffers, "buffers")
         check_dense_leaves(api, buffers, "buffers")
     check_floating_dtype(api, dtype)
+
+
+def _fresh(
+    params: TensorTree,
+    buffers: TensorTree | None,
+    *,
+    zero_debias: bool,
+    dtype: torch.dtype | None,
+) -> EmaState:
+    """A new state of checked trees (see :func:`init`)."""
+    leaves = optree.tree_leaves(params)
     shadow = _copy_tree(params, dtype)
     biased = local_step = None
     if zero_debias:
@@ -254,3 +285,208 @@ def average(state: EmaState) -> TensorTree:
     """
     check_state_structure("average", state)
     return state["params"]
+
+
+_MERGE_FIX = (
+    "fe.extend merges dicts key by key (nested dicts recursively); other containers cannot be "
+    "merged: keep the averages in a dict keyed by name (as fe.module_state gives them), or "
+    "start a new state with fe.init."
+)
+
+
+def _is_dict(tree: object) -> bool:
+    """Whether ``tree`` is a container :func:`extend` merges (a ``dict`` or ``OrderedDict``)."""
+    return type(tree) in (dict, OrderedDict)
+
+
+def _path(keys: tuple[Any, ...]) -> str:
+    """The dotted path of ``keys``, as :func:`_tree.leaf_paths` writes it."""
+    return ".".join(map(str, keys)) or "<root>"
+
+
+def _entries(tree: Any, keys: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(keys, value)`` of the values reached through nested dicts (the dicts themselves not)."""
+    if not _is_dict(tree):
+        if keys:
+            yield keys, tree
+        return
+    for key, value in tree.items():
+        yield from _entries(value, (*keys, key))
+
+
+def _lookup(tree: Any, keys: tuple[Any, ...]) -> Any:
+    """The value at ``keys`` through nested dicts, or ``None`` where there is none."""
+    for key in keys:
+        if not _is_dict(tree) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _without(tree: Any, keys: tuple[Any, ...]) -> Any:
+    """A copy of the nested dicts on the way to ``keys``, without the entry at ``keys``."""
+    out = type(tree)(tree)
+    if len(keys) == 1:
+        del out[keys[0]]
+    else:
+        out[keys[0]] = _without(tree[keys[0]], keys[1:])
+    return out
+
+
+def _held(value: Any) -> str:
+    """What the state holds at a path, for the "got" part of a message."""
+    if isinstance(value, Tensor):
+        return describe(value)
+    return f"a {type(value).__name__} of {len(optree.tree_leaves(value))} leaves"
+
+
+def _merged(api: str, old: Any, new: Any, name: str, keys: tuple[Any, ...] = ()) -> Any:
+    """``old`` with the entries of ``new`` added, merging nested dicts key by key.
+
+    New keys come after the existing ones, in ``new``'s order; the containers are new, the
+    leaves are shared.
+
+    Raises:
+        TypeError: Either side, at ``keys``, is not a dict.
+        ValueError: ``new`` has a leaf (or subtree) where ``old`` already has one.
+    """
+    if not _is_dict(old) or not _is_dict(new):
+        raise wrong_type(
+            api,
+            "trees that cannot be merged",
+            _path(keys),
+            f"a dict in both `state[{name!r}]` and `{name}`",
+            f"{type(old).__name__} and {type(new).__name__}",
+            _MERGE_FIX,
+        )
+    out = type(old)(old)
+    for key, value in new.items():
+        here = (*keys, key)
+        if key not in old:
+            out[key] = value
+        elif isinstance(old[key], Tensor) or isinstance(value, Tensor):
+            raise wrong_value(
+                api,
+                "name already in the state",
+                _path(here),
+                f"a name that `state[{name!r}]` does not hold",
+                f"one it holds ({_held(old[key])})",
+                "fe.extend adds new leaves only: pass just those, e.g. {k: v for k, v in "
+                "params.items() if k not in fe.average(state)}; fe.update moves the "
+                "averages that exist.",
+            )
+        else:
+            out[key] = _merged(api, old[key], value, name, here)
+    return out
+
+
+def extend(
+    state: EmaState,
+    params: TensorTree,
+    buffers: TensorTree | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> EmaState:
+    r"""Add leaves to a running average, as TF's ``ema.apply(new_var_list)`` does.
+
+    The new averages start as :func:`init` starts them: at a copy of the value (TF's
+    initialisation of a shadow variable), or, for a state made with ``zero_debias=True``, at
+    zero with a zero ``biased`` accumulator and ``local_step`` (TF's zero-debias slots). The
+    next update moves them with the others; an average started at its value stays there
+    that first time (:math:`ar	heta - (ar	heta - 	heta)\,w = 	heta` when
+    :math:`ar	heta = 	heta`), as the update TF runs right after creating a shadow. The
+    existing averages and the counters ``step`` and ``nonfinite_updates`` are untouched.
+    Typical use: progressive unfreezing, where layers join the average as they start to
+    train.
+
+    Trees merge as dicts: the new keys are added after the existing ones, and nested dicts
+    merge key by key. Other containers (lists, tuples, namedtuples) have no merge (a
+    ``TypeError``). A leaf of ``params`` whose name ``state["buffers"]`` holds (a frozen
+    parameter, which :func:`module_state` puts among the buffers, now unfrozen) moves: it
+    leaves the buffers and starts averaging at the value given, so that
+    ``fe.update(state, *fe.module_state(model))`` works after unfreezing.
+
+    Pure: ``state`` is not modified. The result is a new dict (with new containers) that
+    shares the state's tensors, counters included: updating it in place (:func:`update_`)
+    also changes them in ``state``, so treat ``state`` as replaced.
+
+    Args:
+        state: An :class:`EmaState` whose trees are dicts (as :func:`init` makes them from
+            :func:`module_state`).
+        params: The new leaves to average (a dict of tensors), at their current values.
+            Copied and detached; not modified.
+        buffers: New buffers to keep beside the averages (a dict of tensors), or ``None``.
+            A state without buffers gets these as its ``state["buffers"]``, and
+            :func:`update` needs the buffers from then on.
+        dtype: Floating dtype of the new averages, as in :func:`init`: pass the ``dtype``
+            the state was made with to keep one dtype. ``None`` keeps each leaf's.
+
+    Returns:
+        The extended :class:`EmaState`.
+
+    Raises:
+        ValueError: A name the state already averages or holds (in ``params`` or
+            ``buffers``), or a new buffer with the name of an average.
+        TypeError: A malformed state, a non-tensor leaf (its path is named), trees that are
+            not dicts, or ``dtype`` not a floating dtype.
+
+    Example:
+        >>> import torch, functional_ema as fe
+        >>> state = fe.init({"head.w": torch.zeros(2)})
+        >>> state = fe.update(state, {"head.w": torch.ones(2)}, 0.9)
+        >>> state = fe.extend(state, {"body.w": torch.full((2,), 5.0)})  # unfrozen
+        >>> fe.average(state)
+        {'head.w': tensor([0.1000, 0.1000]), 'body.w': tensor([5., 5.])}
+        >>> int(state["step"])
+        1
+    """
+    api = "extend"
+    check_state_structure(api, state)
+    _check_new_trees(
+        api,
+        params,
+        buffers,
+        dtype,
+        "Take the new tensors first: params, buffers = fe.module_state(model), then pass "
+        "the new ones: fe.extend(state, {k: v for k, v in params.items() if k not in "
+        "fe.average(state)}).",
+    )
+    fresh = _fresh(params, buffers, zero_debias="biased" in state, dtype=dtype)
+    held = state.get("buffers")
+    moved = [
+        keys
+        for keys, value in _entries(params)
+        if isinstance(value, Tensor) and isinstance(_lookup(held, keys), Tensor)
+    ]
+    averages = _merged(api, state["params"], fresh["params"], "params")
+    if buffers is not None:
+        for keys, _ in _entries(buffers):
+            if _lookup(averages, keys) is not None:
+                raise wrong_value(
+                    api,
+                    "buffer named like an average",
+                    _path(keys),
+                    "a name that neither `state['params']` nor `params` holds",
+                    f"one they hold ({_held(_lookup(averages, keys))})",
+                    "A tensor is either averaged (params) or kept (buffers): pass it in one "
+                    "of the two.",
+                )
+    for keys in moved:
+        held = _without(held, keys)
+    new: EmaState = {
+        "step": state["step"],
+        "params": averages,
+        "nonfinite_updates": state["nonfinite_updates"],
+    }
+    if held is not None or buffers is not None:
+        new["buffers"] = (
+            fresh["buffers"]
+            if held is None
+            else held
+            if buffers is None
+            else _merged(api, held, fresh["buffers"], "buffers")
+        )
+    if "biased" in state:
+        new["biased"] = _merged(api, state["biased"], fresh["biased"], "params")
+        new["local_step"] = _merged(api, state["local_step"], fresh["local_step"], "params")
+    return new

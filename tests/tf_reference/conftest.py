@@ -1,3 +1,3 @@
-# generate.py needs TensorFlow and numpy, which neither the library nor its tests
-# depend on: keep pytest (--doctest-modules) from importing it.
-collect_ignore = ["generate.py"]
+# generate.py and generate_extra.py need TensorFlow and numpy, which neither the library nor
+# its tests depend on: keep pytest (--doctest-modules) from importing them.
+collect_ignore = ["generate.py", "generate_extra.py"]
