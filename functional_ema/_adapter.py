@@ -1341,6 +1341,17 @@ class EMA(nn.Module):
             raise TypeError(self._no_shadow("EMA.shadow"))
         return built.module
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """What a checkpoint of the EMA needs, under the model's names.
+
+        ``averages.<name>``, ``step``, ``nonfinite_updates`` and the settings
+        (``_extra_state``, see :meth:`get_extra_state`): plain tensors and values, which
+        ``torch.load(weights_only=True)`` reads back. The live model is not included (save
+        ``model.state_dict()`` too); frozen and excluded parameters are not held, so not
+        saved. Arguments as ``nn.Module.state_dict``.
+        """
+        return super().state_dict(*args, **kwargs)
+
     def get_extra_state(self) -> dict[str, Any]:
         """The settings and update-timing counters ``state_dict()`` saves as ``_extra_state``.
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import functional_ema as fe
 
@@ -152,6 +153,25 @@ def test_api_page_documents_every_public_name_once() -> None:
     extra = sorted(set(documented) - set(fe.__all__))
     assert not missing, f"docs/api.md does not document {missing}: add an autodoc entry"
     assert not extra, f"docs/api.md documents names outside functional_ema.__all__: {extra}"
+
+
+def test_api_page_documents_every_public_member_of_the_adapter() -> None:
+    """Every public method and property of ``EMA`` is rendered (``:members:``) and every
+    public attribute set in ``__init__`` is in the class docstring's Attributes section."""
+    text = (DOCS / "api.md").read_text()
+    members = re.search(r"autoclass:: functional_ema\.EMA\n\s+:members: ([^\n]+)", text)
+    assert members is not None
+    listed = {name.strip() for name in members.group(1).split(",")}
+    public = {name for name in vars(fe.EMA) if not name.startswith("_")}
+    assert public - listed == set(), f"add to the EMA :members: list: {sorted(public - listed)}"
+    ema = fe.EMA(torch.nn.Linear(2, 1), 0.9)
+    attributes = {name for name in vars(ema) if not name.startswith("_") and name != "training"}
+    attributes |= {"step", "nonfinite_updates"}
+    section = fe.EMA.__doc__.split("Attributes:")[1]
+    undocumented = {name for name in attributes if f"\n        {name}:" not in section}
+    assert not undocumented, f"document in EMA's Attributes section: {sorted(undocumented)}"
+    assert fe.EMA.__init__.__doc__ is not torch.nn.Module.__init__.__doc__
+    assert "class docstring" in fe.EMA.__init__.__doc__
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="Sphinx 9 needs Python 3.11 or later")
