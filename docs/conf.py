@@ -31,13 +31,14 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",  # renders the docstrings' math in the browser; nothing fetched at build
+    "sphinx.ext.mathjax",  # renders the docstrings' math in the browser
+    "sphinx-mathjax-offline",  # ... from MathJax copied into the site: no CDN, works offline
 ]
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
 # benchmarks.md is written by benchmarks/bench_ema.py and included in performance.md.
-exclude_patterns = ["_build", "benchmarks.md", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "benchmarks.md", "Thumbs.db", ".DS_Store"]
 
 # No intersphinx: the build must not need the network.
 myst_enable_extensions = ["colon_fence", "dollarmath"]
@@ -102,6 +103,14 @@ def _splice_benchmarks(app: Sphinx, docname: str, source: list[str]) -> None:
         app.env.note_dependency(str(DOCS / "benchmarks.md"))
 
 
+def _draw_figures(app: Sphinx) -> None:
+    from figures import draw_all  # docs/figures.py, beside this file
+
+    draw_all()
+
+
 def setup(app: Sphinx) -> None:
-    """Splice the benchmark report into performance.md at build time."""
+    """Draw the figures from the code, and splice the benchmark report into performance.md."""
+    sys.path.insert(0, str(DOCS))
+    app.connect("builder-inited", _draw_figures)
     app.connect("source-read", _splice_benchmarks)

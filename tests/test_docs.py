@@ -188,3 +188,12 @@ def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     assert status == 0, "sphinx-build failed: see the warnings above"
     pages = {p.stem for p in (tmp_path / "html").glob("*.html")}
     assert {"index", "semantics", "api", "migration", "changelog"} <= pages
+    # The figures are drawn by the build (docs/figures.py) and copied into the site.
+    images = tmp_path / "html" / "_images"
+    for figure in ("schedules", "demo_accuracy", "vmap_ensemble", "posthoc_ema"):
+        found = list(images.glob(f"{figure}*.png"))
+        assert found and found[0].stat().st_size > 10_000, f"figure {figure} missing or empty"
+    # Math renders offline: MathJax is in the site, and no page loads it from elsewhere.
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 0
+    api = (tmp_path / "html" / "api.html").read_text()
+    assert "_static/mathjax/tex-chtml.js" in api and "cdn.jsdelivr" not in api
