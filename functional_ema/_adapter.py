@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from functional_ema._arith import is_inexact
 from functional_ema._core import check_policy, raise_if_nonfinite
-from functional_ema._decay import check_decay, check_interval
+from functional_ema._decay import check_decay, check_interval, resolve_decay
 from functional_ema._engine import flat_view, pack
 from functional_ema._errors import (
     describe,
@@ -32,7 +32,7 @@ from functional_ema._fsdp import check_sharded, fsdp_modules, reject_fsdp, resha
 from functional_ema._module import apply, check_materialised, check_unwrapped, module_state
 from functional_ema._offload import Staging, staged_update
 from functional_ema._restore import check_state_dict, unwrap_keys
-from functional_ema._schedules import config_of, from_config, tf_warmup
+from functional_ema._schedules import config_of, from_config, is_bank, tf_warmup
 from functional_ema._state import EmaState, init
 from functional_ema._swap import swap_in
 from functional_ema._tree import check_dense_leaves, check_pair
@@ -92,8 +92,13 @@ def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) ->
             describe(patterns),
             f"Write {path}=['head.*'] (a list, even for one pattern).",
         )
+
+    def matches(name: str, pattern: str) -> bool:
+        # A pattern that is a name matches only that name ('a[0].weight' is not a glob).
+        return name == pattern if pattern in names else fnmatch.fnmatchcase(name, pattern)
+
     for index, pattern in enumerate(patterns):
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        if not any(matches(name, pattern) for name in names):
             raise wrong_value(
                 api,
                 f"a pattern that matches nothing ({pattern!r})",
@@ -103,7 +108,7 @@ def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) ->
                 "Check the name against dict(model.named_parameters()) and "
                 "dict(model.named_buffers()); globs use fnmatch ('*' also crosses dots).",
             )
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in names if any(matches(n, p) for p in patterns)]
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
@@ -137,14 +142,14 @@ class _Planned:
 
 _ADDED_LATER: dict[str, Any] = {
     "_stored": None,
-    "update_every": 1,
-    "update_after": 0,
+    "_update_every": 1,
+    "_update_after": 0,
     "_calls": 0,
     "_pending": 0,
     "_excluded_buffers": [],
+    "_excluded": [],
     "_keep_hyperparameters": False,
     "_offload": False,
-    "_dtype": None,
 }
 """Attributes an ``EMA`` pickled by an earlier version lacks, with the values it behaved by."""
 
@@ -152,6 +157,16 @@ _EXTRA = "_extra_state"
 _SETTINGS_FORMAT = 1
 
 _UPDATE_FIX = "Updating now would average the averages into themselves: call update()"
+
+
+class _Fixed:
+    """A schedule that returns one decay already resolved for the call (staged updates)."""
+
+    def __init__(self, value: Decay) -> None:
+        self.value = value
+
+    def __call__(self, t: Tensor, dt: Tensor) -> Decay:
+        return self.value
 
 
 def _check_offload(
@@ -169,6 +184,26 @@ def _check_offload(
             describe(device),
             "Pass device='cpu' to keep the averages in host memory.",
         ) from None
+    try:
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as error:
+        raise wrong_value(
+            api,
+            "a device this machine does not have",
+            "device",
+            "an available device",
+            f"{target} ({str(error).splitlines()[0]})",
+            "Pass device='cpu' to keep the averages in host memory.",
+        ) from None
+    if target.type == "meta":
+        raise wrong_value(
+            api,
+            "averages without data",
+            "device",
+            "a device with memory, e.g. 'cpu'",
+            "device='meta'",
+            "Pass device='cpu' to keep the averages in host memory.",
+        )
     if fsdp_modules(model):
         raise wrong_value(
             api,
@@ -207,8 +242,12 @@ def _on_meta(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: tensor.to("meta") for name, tensor in tree.items()}
 
 
-def _read_settings(api: str, state: Any) -> dict[str, Any]:
-    """Check a saved ``_extra_state`` (see ``EMA.get_extra_state``); the values to set."""
+def _read_settings(api: str, state: Any, *, keep: bool = False) -> dict[str, Any]:
+    """Check a saved ``_extra_state`` (see ``EMA.get_extra_state``); the values to set.
+
+    With ``keep`` (``keep_hyperparameters=True``) only the counters and names are read: the
+    saved settings are neither checked nor returned.
+    """
     path = "state_dict['_extra_state']"
     fix = "Load a state dict saved by EMA.state_dict(), or drop this key to keep the settings."
     if not isinstance(state, dict) or state.get("format") != _SETTINGS_FORMAT:
@@ -221,20 +260,41 @@ def _read_settings(api: str, state: Any) -> dict[str, Any]:
             fix,
         )
     settings: dict[str, Any] = {
-        "update_every": _check_count(api, f"{path}['update_every']", state.get("update_every"), 1),
-        "update_after": _check_count(api, f"{path}['update_after']", state.get("update_after"), 0),
         "calls": _check_count(api, f"{path}['calls']", state.get("calls"), 0),
         "pending": _check_count(api, f"{path}['pending']", state.get("pending"), 0),
     }
+    averaged = state.get("averaged")
+    if averaged is not None:
+        if not isinstance(averaged, list) or not all(isinstance(n, str) for n in averaged):
+            raise wrong_type(
+                api,
+                "averaged names of the wrong type",
+                f"{path}['averaged']",
+                "a list of parameter names",
+                describe(averaged),
+                fix,
+            )
+        settings["averaged"] = averaged
+    if keep:
+        return settings
+    every, after = state.get("update_every"), state.get("update_after")
+    settings["update_every"] = _check_count(api, f"{path}['update_every']", every, 1)
+    settings["update_after"] = _check_count(api, f"{path}['update_after']", after, 0)
     check_buffer_policy(api, state.get("buffer_policy"))
     check_policy(api, state.get("nonfinite"))
     settings["buffer_policy"], settings["nonfinite"] = state["buffer_policy"], state["nonfinite"]
     decay = state.get("decay")
     if isinstance(decay, dict):
         settings["decay"] = from_config(api, decay, f"{path}['decay']")
+    elif isinstance(decay, Tensor):
+        settings["decay"] = check_decay(api, decay.clone(), f"{path}['decay']")  # not shared
     elif decay is not None:
         settings["decay"] = check_decay(api, decay, f"{path}['decay']")
     return settings
+
+
+def _is_extra(key: str) -> bool:
+    return strip_wrapper_prefixes(key) == _EXTRA
 
 
 def _cast_like(state_dict: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
@@ -332,10 +392,8 @@ class EMA(nn.Module):
             decay was out of range on the device); in ``state_dict()``.
         averages: The module holding the averages and the held buffers as buffers, under
             the model's names (``state()`` gives them as dicts; ``state_dict()`` saves them).
-        buffer_policy: ``"copy"`` or ``"average"``.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``.
-        update_every: Calls of :meth:`update` per real update.
-        update_after: Calls of :meth:`update` during which the averages follow the weights.
+        buffer_policy, nonfinite, update_every, update_after: The settings, as given (checked
+            when assigned; see their entries below).
 
     ``state_dict()`` saves these settings (the decay as a number, a tensor or a built-in
     schedule's parameters) beside the tensors under ``_extra_state``, with the timing
@@ -357,6 +415,46 @@ class EMA(nn.Module):
     step: Tensor
     nonfinite_updates: Tensor
     _model: nn.Module
+    _planned: _Planned | None
+
+    @property
+    def buffer_policy(self) -> BufferPolicy:
+        """``"copy"`` or ``"average"`` (checked when assigned; the next update plans again)."""
+        return self._buffer_policy
+
+    @buffer_policy.setter
+    def buffer_policy(self, value: BufferPolicy) -> None:
+        check_buffer_policy("EMA", value)
+        self._buffer_policy = value
+        self._planned = None
+
+    @property
+    def nonfinite(self) -> NonFinite:
+        """``"skip"``, ``"raise"`` or ``"propagate"`` (checked when assigned)."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: NonFinite) -> None:
+        check_policy("EMA", value)
+        self._nonfinite = value
+
+    @property
+    def update_every(self) -> int:
+        """Calls of :meth:`update` per real update (an int >= 1, checked when assigned)."""
+        return self._update_every
+
+    @update_every.setter
+    def update_every(self, value: int) -> None:
+        self._update_every = _check_count("EMA", "update_every", value, 1)
+
+    @property
+    def update_after(self) -> int:
+        """Calls during which the averages follow the weights (an int >= 0, checked)."""
+        return self._update_after
+
+    @update_after.setter
+    def update_after(self, value: int) -> None:
+        self._update_after = _check_count("EMA", "update_after", value, 0)
 
     def __init__(
         self,
@@ -391,6 +489,16 @@ class EMA(nn.Module):
         check_unwrapped(api, model, "model")
         if not callable(decay) or isinstance(decay, Tensor):
             decay = check_decay(api, decay)
+        elif is_bank(decay):
+            raise wrong_value(
+                api,
+                "a bank schedule",
+                "decay",
+                "a schedule of one decay",
+                repr(decay),
+                "An EMA keeps one average per parameter: pass one decay, or keep several "
+                "averages with fe.bank / fe.ema_update_bank.",
+            )
         elif use_num_updates:
             raise wrong_type(
                 api,
@@ -441,8 +549,9 @@ class EMA(nn.Module):
         self.decay: Decay | Schedule = (
             tf_warmup(decay) if use_num_updates else decay  # type: ignore[arg-type]
         )
-        self.buffer_policy: BufferPolicy = buffer_policy
-        self.nonfinite: NonFinite = nonfinite
+        self._planned = None
+        self.buffer_policy = buffer_policy
+        self.nonfinite = nonfinite
         self.update_every = update_every
         self.update_after = update_after
         self._calls = 0  # update() calls in training mode, warm-up included
@@ -450,6 +559,7 @@ class EMA(nn.Module):
         self._param_names = list(params)
         self._buffer_names = list(buffers)
         self._frozen_names = [name for name in everything if name not in params]
+        self._excluded = excluded
         self._excluded_buffers = [name for name in excluded if name not in everything]
         self._offload = device is not None  # averages elsewhere: updates staged (_offload)
         self._dtype = dtype
@@ -457,7 +567,6 @@ class EMA(nn.Module):
         self._swapped = False
         self._stored: AbstractContextManager[nn.Module] | None = None
         self._warned_eval = False
-        self._planned: _Planned | None = None
         self._planned_names: dict[int, tuple[Tensor, str]] = {}
         self._shadow_built: _Shadow | None = None
         self._copy_error: str | None = None
@@ -607,7 +716,9 @@ class EMA(nn.Module):
         ``nonfinite="raise"``), so no chunk raises once writing began.
         """
         api = "EMA.update"
-        params, buffers, _ = self._live(api)
+        params, buffers, slots = self._live(api)
+        names = [*params, *buffers]
+        self._planned_names = {id(t): (t, n) for n, t in zip(names, slots, strict=True)}
         state = self.state()
         followed = self._followed_buffers(state["buffers"], buffers)
         state["buffers"].update(followed)
@@ -618,12 +729,16 @@ class EMA(nn.Module):
         }
         validate(api, meta, _on_meta(params), _on_meta(buffers), self.buffer_policy)
         if self.nonfinite == "raise":
-            names = ("params", "buffers") if self.buffer_policy == "average" else ("params",)
-            for name, values in zip(names, (params, buffers), strict=False):
+            kinds = ("params", "buffers") if self.buffer_policy == "average" else ("params",)
+            for kind, values in zip(kinds, (params, buffers), strict=False):
                 ordered = dict(sorted(values.items()))  # optree's order, as leaf paths name it
-                held = [state[name][key] for key in ordered]  # type: ignore[literal-required]
-                raise_if_nonfinite(api, ordered, held, list(ordered.values()), name)
+                held = [state[kind][key] for key in ordered]  # type: ignore[literal-required]
+                raise_if_nonfinite(api, ordered, held, list(ordered.values()), kind)
         nonfinite, decay = self.nonfinite, self.decay
+        if callable(decay) and not isinstance(decay, Tensor) and not warming:
+            # Called once, as on one device: every chunk gets the same decay.
+            value, _ = resolve_decay(api, decay, state["step"], dt)
+            decay = _Fixed(value)
 
         def run(bound: Bound) -> object:
             if warming:
@@ -817,14 +932,23 @@ class EMA(nn.Module):
         )
         state = self.__dict__.copy()
         state.update(_planned=None, _planned_names={}, _shadow_built=None, _lock=None)
+        state["_staging"] = Staging(self._staging.limit)  # the buffers are scratch: not saved
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickled EMA (a fresh lock; caches rebuilt on first use)."""
         super().__setstate__(state)
         self._lock = threading.RLock()
+        if self.__dict__.get("_staging") is None:
+            self._staging = Staging()
+        for name in ("buffer_policy", "nonfinite", "update_every", "update_after"):
+            if name in self.__dict__:  # plain attributes before they became checked ones
+                self.__dict__[f"_{name}"] = self.__dict__.pop(name)
         for name, default in _ADDED_LATER.items():  # pickled by an earlier version
             self.__dict__.setdefault(name, default)
+        if "_dtype" not in state:  # the averages' dtype, where they share one
+            dtypes = {t.dtype for t in self.state()["params"].values()}
+            self._dtype = dtypes.pop() if len(dtypes) == 1 else None
 
     # --- the averages as the model's values ---------------------------------------------
 
@@ -1090,7 +1214,11 @@ class EMA(nn.Module):
             "a frozen or excluded tensor (the shadow uses the live one)"
             if name in unheld
             else describe(name),
-            "Use the live tensor, or add it to the averages with ema.extend([name])."
+            (
+                "Use the live tensor, or add it to the averages with ema.extend([name])."
+                if name in self._frozen_names
+                else "Use the live buffer: an excluded buffer is not held."
+            )
             if name in unheld
             else "Names are the model's, as in dict(model.named_parameters()).",
         )
@@ -1371,16 +1499,69 @@ class EMA(nn.Module):
             "nonfinite": self.nonfinite,
             "calls": self._calls,
             "pending": int(self._pending),
+            "averaged": list(self._param_names),
         }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` saved (checked first; see load_state_dict)."""
-        settings = _read_settings("EMA.load_state_dict", state)
-        if not self._keep_hyperparameters:
-            for name in ("decay", "update_every", "update_after", "buffer_policy", "nonfinite"):
-                if name in settings:
-                    setattr(self, name, settings[name])
+        settings = _read_settings("EMA.load_state_dict", state, keep=self._keep_hyperparameters)
+        for name in ("decay", "update_every", "update_after", "buffer_policy", "nonfinite"):
+            if name in settings:
+                setattr(self, name, settings[name])
         self._calls, self._pending = settings["calls"], settings["pending"]
+
+    def _check_averaged(self, api: str, settings: Any) -> None:
+        """Refuse (strict loads) averages saved for parameters this EMA does not average.
+
+        The checkpoint's EMA was extended (:meth:`extend`) after it was made: dropping those
+        averages would lose them, so the error says to extend this one first.
+        """
+        saved = settings.get("averaged") if isinstance(settings, dict) else None
+        frozen = set(self._frozen_names) - set(self._excluded)  # excluded: left out on purpose
+        extended = [name for name in saved or () if name in frozen]
+        if extended:
+            raise wrong_value(
+                api,
+                "averages of parameters this EMA does not average",
+                f"averages.{extended[0]}",
+                "the parameters this EMA averages",
+                f"{len(extended)} saved averages of parameters frozen here: {short_list(extended)}",
+                f"The saved EMA was extended: call ema.extend({extended!r}) before loading, "
+                "or load with strict=False to drop them.",
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load this EMA's part, also from a parent module's ``load_state_dict``.
+
+        Before any of this EMA's tensors is written: the settings are checked, a checkpoint
+        without them keeps the current ones, averages of extended parameters are refused
+        (strict), and frozen or excluded parameters' keys are dropped. The cached plan and
+        shadow binding are dropped (the averages may be new tensors).
+        """
+        api = "EMA.load_state_dict"
+        key = prefix + _EXTRA
+        if key not in state_dict:  # a checkpoint from before settings were saved
+            state_dict[key] = self.get_extra_state()
+        _read_settings(api, state_dict[key], keep=self._keep_hyperparameters)
+        if strict:
+            self._check_averaged(api, state_dict[key])
+        for name in (*self._frozen_names, *self._excluded_buffers):
+            state_dict.pop(f"{prefix}averages.{name}", None)
+        self._forget()
+        self._version += 1
+        self._layout += 1
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def load_state_dict(
         self,
@@ -1420,31 +1601,28 @@ class EMA(nn.Module):
                 (a value that is not a tensor, a tensor of another dtype without ``cast``).
         """
         api = "EMA.load_state_dict"
-        own = self.state_dict(keep_vars=True)
-        settings = own.pop(_EXTRA)
-        if isinstance(state_dict, dict):
-            unheld = {f"averages.{n}" for n in (*self._frozen_names, *self._excluded_buffers)}
-            if all(isinstance(key, str) for key in state_dict):  # after the wrapper mapping
-                mapping = unwrap_keys(state_dict, [*own, *unheld])
-                state_dict = {k: v for k, v in state_dict.items() if mapping[k] not in unheld}
-            saved = [
-                k for k in state_dict if isinstance(k, str) and strip_wrapper_prefixes(k) == _EXTRA
-            ]
-            if len(saved) == 1:  # through a DDP / torch.compile wrapper too
-                settings = state_dict.pop(saved[0])
-            if cast:
-                state_dict = _cast_like(state_dict, own)
-        state_dict = check_state_dict(api, state_dict, own, strict=strict)
-        _read_settings(api, settings)  # checked now: set_extra_state writes after the tensors
-        self._planned = None
-        self._version += 1
-        if assign:
-            self._forget()
-            self._layout += 1
-        self._keep_hyperparameters = keep_hyperparameters
-        try:
-            return super().load_state_dict(
-                {**state_dict, _EXTRA: settings}, strict=strict, assign=assign
-            )
-        finally:
-            self._keep_hyperparameters = False
+        with self._lock:  # an update meanwhile would keep writing into replaced tensors
+            own = self.state_dict(keep_vars=True)
+            settings = own.pop(_EXTRA)
+            if isinstance(state_dict, dict):
+                extras = [k for k in state_dict if isinstance(k, str) and _is_extra(k)]
+                if len(extras) == 1:  # through a DDP / torch.compile wrapper too
+                    settings = state_dict[extras[0]]
+                state_dict = {k: v for k, v in state_dict.items() if k not in extras}
+                _read_settings(api, settings, keep=keep_hyperparameters)
+                if strict:
+                    self._check_averaged(api, settings)
+                unheld = {f"averages.{n}" for n in (*self._frozen_names, *self._excluded_buffers)}
+                if all(isinstance(key, str) for key in state_dict):  # after the wrapper mapping
+                    mapping = unwrap_keys(state_dict, [*own, *unheld])
+                    state_dict = {k: v for k, v in state_dict.items() if mapping[k] not in unheld}
+                if cast:
+                    state_dict = _cast_like(state_dict, own)
+            state_dict = check_state_dict(api, state_dict, own, strict=strict)
+            self._keep_hyperparameters = keep_hyperparameters
+            try:
+                return super().load_state_dict(
+                    {**state_dict, _EXTRA: settings}, strict=strict, assign=assign
+                )
+            finally:
+                self._keep_hyperparameters = False

@@ -340,6 +340,15 @@ def power(
     return _Power(tuple(profiles.gammas) if profiles.several else profiles.gammas[0])
 
 
+def is_bank(schedule: object) -> bool:
+    """Whether ``schedule`` is a built-in schedule of several decays (one per bank row)."""
+    return isinstance(schedule, _Schedule) and any(
+        isinstance(getattr(schedule, name), tuple)
+        or (isinstance(getattr(schedule, name), Tensor) and getattr(schedule, name).ndim > 0)
+        for name in schedule._fields
+    )
+
+
 def config_of(schedule: object) -> dict[str, Any] | None:
     """A built-in schedule's :meth:`_Schedule.config`; ``None`` for any other callable."""
     return schedule.config() if isinstance(schedule, _Schedule) else None
@@ -377,6 +386,15 @@ def from_config(api: str, config: Mapping[str, Any], path: str) -> _Schedule:
         parameters["gamma"] = tuple(parameters["gamma"])
     try:
         return _MAKERS[name](**parameters)
+    except ValueError as error:
+        raise wrong_value(
+            api,
+            "schedule parameters out of range",
+            path,
+            f"the parameters fe.{name} accepts",
+            parameters,
+            f"{error}. Load with keep_hyperparameters=True to keep the constructor's decay.",
+        ) from None
     except TypeError as error:
         raise wrong_type(
             api,
