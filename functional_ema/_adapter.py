@@ -52,7 +52,7 @@ def _register_tree(root: nn.Module, tensors: dict[str, Tensor]) -> None:
         owner.register_buffer(leaf, tensor)
 
 
-def _check_count(api: str, path: str, value: object, least: int) -> int:
+def check_count(api: str, path: str, value: object, least: int) -> int:
     """An int ``>= least`` (``update_every``, ``update_after``, saved counters)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise wrong_type(
@@ -260,8 +260,8 @@ def _read_settings(api: str, state: Any, *, keep: bool = False) -> dict[str, Any
             fix,
         )
     settings: dict[str, Any] = {
-        "calls": _check_count(api, f"{path}['calls']", state.get("calls"), 0),
-        "pending": _check_count(api, f"{path}['pending']", state.get("pending"), 0),
+        "calls": check_count(api, f"{path}['calls']", state.get("calls"), 0),
+        "pending": check_count(api, f"{path}['pending']", state.get("pending"), 0),
     }
     averaged = state.get("averaged")
     if averaged is not None:
@@ -278,8 +278,8 @@ def _read_settings(api: str, state: Any, *, keep: bool = False) -> dict[str, Any
     if keep:
         return settings
     every, after = state.get("update_every"), state.get("update_after")
-    settings["update_every"] = _check_count(api, f"{path}['update_every']", every, 1)
-    settings["update_after"] = _check_count(api, f"{path}['update_after']", after, 0)
+    settings["update_every"] = check_count(api, f"{path}['update_every']", every, 1)
+    settings["update_after"] = check_count(api, f"{path}['update_after']", after, 0)
     check_buffer_policy(api, state.get("buffer_policy"))
     check_policy(api, state.get("nonfinite"))
     settings["buffer_policy"], settings["nonfinite"] = state["buffer_policy"], state["nonfinite"]
@@ -445,7 +445,7 @@ class EMA(nn.Module):
 
     @update_every.setter
     def update_every(self, value: int) -> None:
-        self._update_every = _check_count("EMA", "update_every", value, 1)
+        self._update_every = check_count("EMA", "update_every", value, 1)
 
     @property
     def update_after(self) -> int:
@@ -454,7 +454,7 @@ class EMA(nn.Module):
 
     @update_after.setter
     def update_after(self, value: int) -> None:
-        self._update_after = _check_count("EMA", "update_after", value, 0)
+        self._update_after = check_count("EMA", "update_after", value, 0)
 
     def __init__(
         self,
@@ -510,8 +510,8 @@ class EMA(nn.Module):
             )
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
-        update_every = _check_count(api, "update_every", update_every, 1)
-        update_after = _check_count(api, "update_after", update_after, 0)
+        update_every = check_count(api, "update_every", update_every, 1)
+        update_after = check_count(api, "update_after", update_after, 0)
         check_materialised(api, model, "before creating the EMA")
         everything, buffers = module_state(model, trainable_only=False)
         check_dense_leaves(api, {**everything, **buffers}, "model", meta=False)
