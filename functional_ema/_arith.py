@@ -14,6 +14,8 @@ drift); :func:`keep_finite` is the one way a NaN or Inf is left out of an averag
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -63,6 +65,27 @@ def ema_step(
     else:
         delta = torch.sub(shadow, value, out=scratch).mul_(weight)
     return shadow.sub_(delta) if inplace else shadow - delta
+
+
+def ema_step_if_finite_(
+    shadow: Tensor, value: Tensor, weight: float | Tensor, *, scratch: Tensor, total: Tensor
+) -> bool:
+    """:func:`ema_step` in place when it involves no NaN/Inf, at the cost of one more read.
+
+    The difference ``(shadow - value) * weight`` is computed into ``scratch`` and summed: a
+    finite sum means every ``value`` is finite (a NaN or an infinite value makes its
+    difference non-finite), so :func:`keep_finite` would change nothing, and the step is
+    finished with the same operations (same bits). Otherwise ``shadow`` is left untouched and
+    ``False`` returned, for the caller's exact path (a sum that overflows only sends a finite
+    chunk there too). Reads the sum (into ``total``, a 0-dim tensor of ``shadow``'s dtype)
+    on the host: for 1-D CPU tensors.
+    """
+    value = _in_shadow_dtype(shadow, value)
+    delta = torch.sub(shadow, value, out=scratch).mul_(weight)
+    if not math.isfinite(float(torch.sum(delta, dim=0, out=total))):
+        return False
+    shadow.sub_(delta)
+    return True
 
 
 def keep_finite(

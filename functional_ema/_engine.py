@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, ema_step, keep_finite
+from functional_ema._arith import average_leaf, ema_step, ema_step_if_finite_, keep_finite
 from functional_ema._compat import any_functorch_wrapped, foreach_copy_, views_of
 from functional_ema._kernels import ROW, compiled
 
@@ -302,11 +302,17 @@ def _eager_region_(
     flags = (
         torch.empty(-(-numel // chunk), dtype=torch.bool, device=shadow.device) if mask else None
     )
+    # On the CPU a host read per chunk is cheap: unmasked steps where all values are finite.
+    host = shadow.device.type == "cpu" and valid is None and flags is not None
+    total = buffer(shadow.dtype, 1, "total")[0] if host else None
     for index, start in enumerate(range(0, numel, chunk)):
         stop = min(start + chunk, numel)
         s, t, v = shadow[start:stop], tmp[: stop - start], value[start:stop]
         if out is not None:
             s = out[start:stop].copy_(s)
+        if total is not None and ema_step_if_finite_(s, v, weight, scratch=t, total=total):
+            flags[index] = True  # type: ignore[index]  # the common case: same bits
+            continue
         if flags is not None and ok_buffer is not None:
             v, finite = keep_finite(s, v, scratch=t, finite=ok_buffer[: stop - start])
             torch.all(finite, out=flags[index])

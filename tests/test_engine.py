@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import functional_ema as fe
 from functional_ema import _engine, _kernels
+from functional_ema._arith import average_leaf
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -543,3 +544,35 @@ def test_while_a_kernel_builds_the_eager_path_takes_larger_temporary_chunks(
     assert torch.equal(shadow, expected) and bool(flag)
     assert 1000 * 4 + 1000 <= counted.bytes < 1000 * 4 + 1000 + 16  # one chunk of each, flags
     assert getattr(_engine._local, "scratch", {}) == {}  # nothing kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_eager_masked_path_skips_the_mask_only_where_every_value_is_finite(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Chunks whose difference sums to a finite number take the unmasked step (same bits);
+    a NaN, an Inf, or finite values whose sum overflows take the exact masked path."""
+    monkeypatch.setattr(_engine, "CHUNK", 100)
+    monkeypatch.setattr(_engine, "MIN_CHUNK", 100)
+    gen = torch.Generator().manual_seed(3)
+    shadow = torch.randn(1000, generator=gen).to(dtype)
+    value = torch.randn(1000, generator=gen).to(dtype)
+    value[150] = float("nan")  # chunk 1
+    value[420] = float("-inf")  # chunk 4
+    value[700:800] = torch.finfo(dtype).max  # chunk 7: finite, the sum overflows
+    shadow[700:800] = -torch.finfo(dtype).max
+    expected = shadow.clone()
+    flags: list[torch.Tensor] = []
+    average_leaf(expected, value, 0.25, inplace=True, finite_flags=flags)
+    result = shadow.clone()
+    flag = _engine._eager_region_(result, value, 0.25, mask=True)
+    assert_bits_equal(result, expected)
+    assert flag is not None and not bool(flag)
+    clean = value.clone()
+    clean[150], clean[420] = 0.0, 0.0
+    result = shadow.clone()
+    flag = _engine._eager_region_(result, clean, 0.25, mask=True)
+    expected = shadow.clone()
+    average_leaf(expected, clean, 0.25, inplace=True, finite_flags=[])
+    assert_bits_equal(result, expected)
+    assert flag is not None and bool(flag)
