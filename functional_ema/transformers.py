@@ -2,10 +2,10 @@
 
 One :class:`~transformers.TrainerCallback` that keeps an :class:`~functional_ema.EMA` of the
 trained model: it updates the averages once per optimizer step (after the last micro-batch of
-each gradient-accumulation window), runs the Trainer's evaluations on the averages and puts the
-live weights back, bit for bit, before anything else happens, writes the averages beside each
-checkpoint (``checkpoint-N/ema.pt``), reads them back when ``trainer.train()`` resumes, and can
-copy them into the model when training ends.
+each gradient-accumulation window), runs the Trainer's evaluations on the averages (each forward
+puts them in and the live weights back, bit for bit, also when it raises), writes the averages
+beside each checkpoint (``checkpoint-N/ema.pt``), reads them back when ``trainer.train()``
+resumes, and can copy them into the model when training ends.
 
 This module imports ``transformers`` (``pip install 'functional_ema[transformers]'``);
 ``import functional_ema`` never does.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +55,29 @@ _FORMAT = 1
 _API = "EMACallback"
 
 
+class _Hook:
+    """A forward (pre-)hook of :class:`EMACallback`; inert in a copy or a pickle of the model.
+
+    ``copy.deepcopy(model)`` or pickling it while the callback is armed (e.g. ``ema.shadow``
+    built in a later callback's ``on_evaluate``) gives the copy hooks that do nothing: its
+    forwards run its own weights and never touch the EMA.
+    """
+
+    def __init__(self, call: Callable[[nn.Module], None] | None) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        del args
+        if self.call is not None:
+            self.call(module)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Hook:
+        return _Hook(None)
+
+    def __reduce__(self) -> tuple[type[_Hook], tuple[None]]:
+        return _Hook, (None,)
+
+
 class EMACallback(TrainerCallback):
     r"""Keep an :class:`~functional_ema.EMA` of the model a ``Trainer`` trains.
 
@@ -68,13 +91,20 @@ class EMACallback(TrainerCallback):
       micro-batch.
     - **Evaluation on the averages.** The Trainer has no "evaluation begins" event, so the
       callback arms itself in ``on_step_end`` / ``on_epoch_end`` when ``control.should_evaluate``
-      is set (and in ``on_train_begin`` with ``eval_on_start``): it registers forward pre-hooks
-      on the model's modules, and the first forward in eval mode (the evaluation's first batch)
-      puts the averages in (``ema.store()``). ``on_evaluate`` puts the live weights back
-      (``ema.restore()``, bit for bit) and removes the hooks, before the Trainer saves a
-      checkpoint. With several evaluation datasets (a dict), each dataset's first forward
-      stores them again and its ``on_evaluate`` restores them. The metrics, the choice of the
-      best checkpoint (``metric_for_best_model``) and early stopping all see the averages.
+      is set (and in ``on_train_begin`` with ``eval_on_start``): it registers a forward pre-hook
+      and a forward hook (``always_call=True``) on each of the model's modules. While armed,
+      each forward in eval mode runs on the averages: the first module called puts them in
+      (``ema.store()``) and the end of that module's forward puts the live weights back
+      (``ema.restore()``, bit for bit), also when the forward raises. Nested modules run inside
+      that one swap; a submodule called on its own (``model.get_encoder()(...)`` in
+      ``generate``, a ``compute_loss`` that calls ``model.bert``) gets its own. Between
+      forwards (metrics, logging, saving) the model holds its live weights, so an exception
+      anywhere in the evaluation leaves the live weights in the model (torch runs
+      ``always_call`` hooks for an ``Exception``, not a ``KeyboardInterrupt``: an interrupt
+      inside a forward leaves the averages in until ``callback.ema.restore()`` or the
+      callback's next event). ``on_evaluate`` removes the hooks (with several evaluation
+      datasets, the next step, epoch or save does). The metrics, the choice of the best
+      checkpoint (``metric_for_best_model``) and early stopping all see the averages.
     - **Checkpoints.** In ``on_save`` (on the main process) the averages, the EMA's counters and
       settings, and the global step are written with :func:`functional_ema.save` (atomic) to
       ``checkpoint-N/`` :data:`CHECKPOINT_FILE`; ``torch.load(weights_only=True)`` reads it.
@@ -83,20 +113,21 @@ class EMACallback(TrainerCallback):
       ``N`` (``N > 0``), ``on_train_begin`` loads ``<args.output_dir>/checkpoint-N/ema.pt`` (or
       the file in :attr:`resume_from`), so that the averages continue as if training had not
       stopped: the final averages equal an uninterrupted run's bit for bit (given the Trainer's
-      own deterministic resume). A missing file is an error, not fresh averages.
+      own deterministic resume). A missing file is an error, not fresh averages, and leaves
+      :attr:`ema` as it was.
     - **End.** With ``load_best_model_at_end`` the averages of the best checkpoint are loaded
       with it; with ``apply_at_end=True`` the averages are then copied into the model
       (``ema.copy_to(model)``), so ``trainer.save_model()`` saves them.
 
-    Add this callback after any callback of your own that sets ``control.should_evaluate`` or
-    runs the model in ``on_evaluate`` (the Trainer's own flow callback always comes first). A
-    manual ``trainer.evaluate()`` outside ``train()`` runs on the model as it is: evaluate the
-    averages with ``with callback.ema.swap(): trainer.evaluate()``.
+    Add this callback after any callback of your own that sets ``control.should_evaluate``
+    (the Trainer's own flow callback always comes first). A manual ``trainer.evaluate()`` or
+    ``trainer.predict()`` outside ``train()`` runs on the model as it is (the hooks exist only
+    during training, so your own forwards are never redirected): evaluate the averages with
+    ``with callback.ema.swap(): trainer.evaluate()``, or pass ``apply_at_end=True``.
 
-    If evaluation raises, the exception leaves ``trainer.train()`` with the averages in the
-    model; the model's ``state_dict()`` is then refused (the averages are never saved as the
-    weights by mistake) until ``callback.ema.restore()`` puts the live weights back. The next
-    ``trainer.train()`` restores them too.
+    Each forward during an evaluation pays one ``ema.store()`` / ``ema.restore()``: a copy of
+    the trainable parameters out, the averages in, the copy back. Generation pays it once per
+    generated token, a ``compute_loss`` that calls submodules once per call.
 
     Args:
         decay: The decay or schedule, as for :class:`~functional_ema.EMA` (e.g. ``0.999`` or
@@ -188,8 +219,8 @@ class EMACallback(TrainerCallback):
         self._ema: EMA | None = None
         self._last_step = 0  # state.global_step at the last update (or the resumed step)
         self._training = False  # between on_train_begin and on_train_end
-        self._hooks: list[RemovableHandle] = []  # armed: forward pre-hooks that store
-        self._stored = False  # the averages are in the model (put there by a hook)
+        self._hooks: list[RemovableHandle] = []  # armed: the forward hooks of every module
+        self._inside: list[nn.Module] = []  # forwards running on the averages, outermost first
 
     def __repr__(self) -> str:
         """The constructor call: the decay and the options that differ from the defaults."""
@@ -219,26 +250,45 @@ class EMACallback(TrainerCallback):
     # --- evaluation on the averages -------------------------------------------------------
 
     def _arm(self, model: nn.Module) -> None:
-        """Store the averages at the next forward in eval mode (the evaluation's first)."""
+        """Run the forwards in eval mode on the averages until :meth:`_disarm`."""
         if not self._hooks:
-            self._hooks = [m.register_forward_pre_hook(self._forward) for m in model.modules()]
+            enter, leave = _Hook(self._enter), _Hook(self._leave)
+            for module in model.modules():
+                self._hooks.append(module.register_forward_pre_hook(enter))
+                self._hooks.append(module.register_forward_hook(leave, always_call=True))
 
-    def _forward(self, module: nn.Module, args: Any) -> None:
-        """A forward pre-hook: store when the model (not just this module) is in eval mode."""
-        del module, args
-        ema = self.ema
-        if not self._stored and not ema.model.training:
-            ema.store()
-            self._stored = True
+    def _enter(self, module: nn.Module) -> None:
+        """A forward begins: the outermost one in eval mode puts the averages in."""
+        if self._inside:
+            self._inside.append(module)  # nested: the averages are in
+            return
+        ema = self._ema
+        if ema is None or ema.model.training:
+            return
+        ema.store()
+        self._inside.append(module)
+
+    def _leave(self, module: nn.Module) -> None:
+        """A forward ends (or raises): the outermost one puts the live weights back."""
+        if self._inside and self._inside[-1] is module:
+            self._inside.pop()
+            if not self._inside:
+                self.ema.restore()
 
     def _give_back(self) -> None:
-        """Put the live weights back if a hook stored the averages."""
-        if self._stored:
-            self._stored = False
-            self.ema.restore()
+        """Put the live weights back if a forward that stored the averages never ended.
+
+        Torch runs ``always_call`` hooks for an ``Exception`` only: a ``KeyboardInterrupt``
+        inside a forward leaves the averages in, until here or a ``callback.ema.restore()``.
+        """
+        inside, self._inside = self._inside, []
+        ema = self._ema
+        # The EMA's own record: the user may have restored by hand, as the refusals say.
+        if inside and ema is not None and ema._stored is not None:
+            ema.restore()
 
     def _disarm(self) -> None:
-        """Remove the hooks and put the live weights back."""
+        """Remove the hooks (and put the live weights back if an interrupt left the averages)."""
         hooks, self._hooks = self._hooks, []
         for hook in hooks:
             hook.remove()
@@ -249,8 +299,8 @@ class EMACallback(TrainerCallback):
     def _checkpoint_folder(self, args: TrainingArguments, state: TrainerState) -> str:
         return os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
-    def _load(self, folder: str | os.PathLike[str], step: int, api: str) -> None:
-        """Load ``folder/ema.pt`` into the EMA, checking it was written at ``step``."""
+    def _load(self, ema: EMA, folder: str | os.PathLike[str], step: int, api: str) -> None:
+        """Load ``folder/ema.pt`` into ``ema``, checking it was written at ``step``."""
         path = os.path.join(os.fspath(folder), CHECKPOINT_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -286,7 +336,7 @@ class EMACallback(TrainerCallback):
                 "Resume from the checkpoint folder that holds these averages, or set "
                 "callback.resume_from to the folder of the checkpoint you resume.",
             )
-        self.ema.load_state_dict(saved["ema"])
+        ema.load_state_dict(saved["ema"])
 
     # --- the Trainer's events --------------------------------------------------------------
 
@@ -308,16 +358,15 @@ class EMACallback(TrainerCallback):
                 describe(model),
                 "Add EMACallback to a transformers.Trainer (callbacks=[...]).",
             )
-        self._disarm()  # an earlier train() that raised during evaluation
+        self._disarm()  # an earlier train() that stopped while armed
         self._training = False
-        self._ema = EMA(model, self.decay, **self._options)
-        self._last_step = state.global_step
+        ema = EMA(model, self.decay, **self._options)
         if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-N's state
             folder = self.resume_from
             if folder is None:
                 folder = self._checkpoint_folder(args, state)
-            self._load(folder, state.global_step, "EMACallback.on_train_begin")
-        self._training = True
+            self._load(ema, folder, state.global_step, "EMACallback.on_train_begin")
+        self._ema, self._last_step, self._training = ema, state.global_step, True
         if args.eval_on_start:
             self._arm(model)
 
@@ -377,9 +426,8 @@ class EMACallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Put the live weights back after an evaluation (of one dataset)."""
+        """Disarm after an evaluation (of the last dataset)."""
         armed = bool(self._hooks)
-        self._give_back()
         metrics = kwargs.get("metrics") or {}
         if not armed and self._training:
             warnings.warn(
@@ -399,18 +447,6 @@ class EMACallback(TrainerCallback):
         # for the next one; the next step, epoch or save ends it.
         if "eval_runtime" in metrics or not any(k.endswith("_runtime") for k in metrics):
             self._disarm()
-
-    def on_predict(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        metrics: Any,
-        **kwargs: Any,
-    ) -> None:
-        """Put the live weights back after a prediction run in an armed window."""
-        del metrics
-        self._give_back()
 
     def on_save(
         self,
@@ -451,6 +487,6 @@ class EMACallback(TrainerCallback):
             return
         best, step = state.best_model_checkpoint, state.best_global_step
         if args.load_best_model_at_end and best is not None and step is not None:
-            self._load(best, step, "EMACallback.on_train_end")
+            self._load(self._ema, best, step, "EMACallback.on_train_end")
         if self.apply_at_end:
             self._ema.copy_to(self._ema.model)

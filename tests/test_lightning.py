@@ -10,6 +10,7 @@ within a tolerance) and prints the numbers that ``docs/lightning.md`` quotes.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -304,17 +305,17 @@ def test_skipped_steps_are_covered_by_the_next_update_dt() -> None:
 
 
 class LiveWatch(pl.Callback):
-    """Placed before EMACallback: the live weights before the swap and after the restore."""
+    """Placed after EMACallback: the live weights before the swap and after the restore."""
 
     def __init__(self) -> None:
         self.before: list[dict[str, Tensor]] = []
         self.after: list[dict[str, Tensor]] = []
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.before.append(weights(pl_module))
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before.append(weights(pl_module))  # before every on_validation_epoch_start
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.after.append(weights(pl_module))  # after every on_validation_epoch_end
+        self.after.append(weights(pl_module))  # after EMACallback's on_validation_end
 
 
 def test_validation_test_and_predict_run_on_the_averages() -> None:
@@ -323,7 +324,7 @@ def test_validation_test_and_predict_run_on_the_averages() -> None:
     model = Net()
     initial = Net()
     initial.load_state_dict(model.state_dict())
-    fit = trainer([probe, watch, callback], num_sanity_val_steps=2)
+    fit = trainer([probe, callback, watch], num_sanity_val_steps=2)
     fit.fit(model, loader(5), val)
 
     # The sanity check evaluated the averages as they start (the initial weights).
@@ -353,7 +354,7 @@ def test_validation_test_and_predict_run_on_the_averages() -> None:
 def test_a_run_stopped_during_validation_gets_its_live_weights_back() -> None:
     model, watch = Net(fail_validation=True), LiveWatch()
     callback = EMACallback(0.5)
-    fit = trainer([watch, callback], max_epochs=3)
+    fit = trainer([callback, watch], max_epochs=3)
     with pytest.raises(RuntimeError, match="stopped during validation"):
         fit.fit(model, loader(3), loader(1, seed=2))
 
@@ -363,12 +364,66 @@ def test_a_run_stopped_during_validation_gets_its_live_weights_back() -> None:
     callback.ema.update()  # not stuck between store() and restore()
 
 
+def tensors(module: nn.Module) -> dict[str, Tensor]:
+    """``weights(module)`` while the averages are in (``state_dict()`` raises then)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {name: t.detach().clone() for name, t in named}
+
+
+class EpochEndNet(Net):
+    """Records its weights in its own ``on_*_epoch_end`` hooks (which run after callbacks')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_epoch_end: dict[str, list[dict[str, Tensor]]] = {stage: [] for stage in STAGES}
+
+    def on_validation_epoch_end(self) -> None:
+        self.at_epoch_end["val"].append(tensors(self))
+
+    def on_test_epoch_end(self) -> None:
+        self.at_epoch_end["test"].append(tensors(self))
+
+    def on_predict_epoch_end(self) -> None:
+        self.at_epoch_end["predict"].append(tensors(self))
+
+
+def test_the_module_epoch_end_hooks_see_the_averages_and_checkpoints_the_live_weights(
+    tmp_path: Path,
+) -> None:
+    model, probe, callback = EpochEndNet(), Probe(), EMACallback(0.8)
+    checkpoints = ModelCheckpoint(tmp_path, every_n_epochs=1, save_top_k=-1)  # on_validation_end
+    val = loader(1, seed=2)
+    fit = trainer([probe, callback, checkpoints], enable_checkpointing=True)
+    fit.fit(model, loader(3), val)
+    fit.test(model, val, verbose=False)
+    fit.predict(model, val)
+
+    held = callback.ema.state()
+    averages = {**held["params"], **held["buffers"]}
+    averages = {name: averages[name] for name in tensors(model)}
+    assert len(model.at_epoch_end["val"]) == 2  # two epochs
+    for stage in STAGES:
+        assert_bits_equal(model.at_epoch_end[stage][-1], averages)
+    assert_bits_equal(weights(model), probe.steps[-1][1])  # the live weights, back
+    for epoch, step in [(0, 3), (1, 6)]:
+        saved = torch.load(tmp_path / f"epoch={epoch}-step={step}.ckpt", weights_only=True)
+        assert_bits_equal(dict(saved["state_dict"]), probe.steps[step - 1][1])
+
+
 @pytest.mark.parametrize("apply_at_end", [False, True])
-def test_apply_at_end_leaves_the_averages_in_the_model_only_if_asked(apply_at_end: bool) -> None:
+def test_apply_at_end_leaves_the_averages_in_the_model_only_if_asked(
+    apply_at_end: bool, tmp_path: Path
+) -> None:
     probe, model = Probe(), Net()
     callback = EMACallback(0.7, apply_at_end=apply_at_end)
-    trainer([probe, callback]).fit(model, loader(3))
+    # Stopped mid-epoch: ModelCheckpoint saves last.ckpt in its on_train_end.
+    last = ModelCheckpoint(tmp_path, save_last=True, save_top_k=0)
+    options = {"max_steps": 4, "max_epochs": None, "enable_checkpointing": True}
+    trainer([probe, callback, last], **options).fit(model, loader(3))
 
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert_bits_equal(dict(saved["state_dict"]), probe.steps[-1][1])  # live, to resume from
     averages = callback.ema.state()
     held = {**averages["params"], **averages["buffers"]}
     if apply_at_end:
@@ -429,6 +484,116 @@ def test_a_fresh_trainer_evaluates_the_averages_of_a_checkpoint(tmp_path: Path) 
         trainer([EMACallback(0.8)]).validate(other, val, verbose=False)
     with torch.no_grad():
         assert_bits_equal(other.outputs["val"], [other.eval()(x) for x, _ in val])
+
+
+@pytest.mark.parametrize("skip_odd", [False, True])
+def test_another_fit_of_the_same_model_continues_the_averages(skip_odd: bool) -> None:
+    model, callback = Net(), Recording(0.8, skip_odd=skip_odd)
+    first, second = Probe(), Probe()
+    fit = trainer([first, callback], max_epochs=1)
+    fit.fit(model, loader(3))
+    fit.validate(model, loader(1, seed=2), verbose=False)  # in inference mode, in between
+    # A new Trainer: its global_step starts again at 0.
+    trainer([second, callback], max_epochs=1).fit(model, loader(3, seed=3))
+
+    steps = first.steps + second.steps
+    assert [dt for dt, _ in steps] == [1] * 6
+    assert [step for step, _ in callback.asked] == [1, 2, 3] * 2
+    if skip_odd:  # updates at the steps 2 of each fit; the first fit's step 3 is owed
+        steps = [(2, steps[1][1]), (3, steps[4][1])]
+    reference = replay(first.initial, steps, decay=0.8)
+    assert_bits_equal(state(callback.ema), state(reference))
+    assert int(callback.ema.step) == 6 - skip_odd
+
+
+def test_a_checkpoint_evaluated_then_fine_tuned_continues_its_averages(tmp_path: Path) -> None:
+    fit = trainer([EMACallback(0.8)], max_epochs=1)
+    fit.fit(Net(), loader(3))
+    path = tmp_path / "a.ckpt"
+    fit.save_checkpoint(path)
+
+    model, probe, callback = Net(), Probe(), EMACallback(0.8)
+    other = trainer([probe, callback], max_epochs=1)
+    other.validate(model, loader(1, seed=2), ckpt_path=path, verbose=False)
+    other.fit(model, loader(3, seed=3))  # no ckpt_path: a fit of the checkpoint's weights
+
+    saved = torch.load(path, weights_only=True)
+    reference_model = Net()
+    reference_model.load_state_dict(saved["state_dict"])
+    reference = fe.EMA(reference_model, 0.8)
+    reference.load_state_dict(saved["callbacks"]["EMACallback"]["ema"])
+    assert_bits_equal(probe.initial, weights(reference_model))
+    for dt, values in probe.steps:
+        reference_model.load_state_dict(values)
+        reference.update(dt=dt)
+    assert [dt for dt, _ in probe.steps] == [1] * 3
+    assert_bits_equal(state(callback.ema), state(reference))
+
+
+def _plain_checkpoints(tmp_path: Path) -> tuple[Net, Path, Path]:
+    """A model fitted without EMACallback, saved in full and with its weights only."""
+    model, fit = Net(), trainer([], max_epochs=1)
+    fit.fit(model, loader(3))
+    full, weights_only = tmp_path / "plain.ckpt", tmp_path / "weights.ckpt"
+    fit.save_checkpoint(full)
+    fit.save_checkpoint(weights_only, weights_only=True)
+    return model, full, weights_only
+
+
+def test_resuming_from_a_checkpoint_without_averages_is_refused(tmp_path: Path) -> None:
+    _, path, _ = _plain_checkpoints(tmp_path)
+    callback = EMACallback(0.8)
+    match = (
+        r"EMACallback: resuming from a checkpoint without averages at "
+        r".checkpoint\['callbacks'\]\['EMACallback'\].: .* got a checkpoint without any "
+        r"callback's state\. Resume from a checkpoint saved with EMACallback, or start a new "
+        r"fit without ckpt_path"
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer([callback], max_epochs=2).fit(Net(), loader(3), ckpt_path=path)
+    with pytest.raises(RuntimeError, match="no averages yet"):
+        _ = callback.ema
+
+
+def test_evaluating_a_checkpoint_without_averages_runs_on_its_live_weights(
+    tmp_path: Path,
+) -> None:
+    plain, full, weights_only = _plain_checkpoints(tmp_path)
+    val = loader(1, seed=2)
+    with torch.no_grad():
+        expected = [plain.eval()(x) for x, _ in val]
+    model, callback = Net(), EMACallback(0.8)
+    fit = trainer([callback], max_epochs=1)
+    fit.fit(model, loader(3))
+
+    # The fit's averages are not those of the checkpoint's weights: dropped, with a warning.
+    for path in (weights_only, full):  # the first one has no callbacks' state at all
+        model.outputs["predict"].clear()
+        match = rf"no averages to evaluate .* a checkpoint without them \({re.escape(str(path))}\)"
+        with pytest.warns(UserWarning, match=match):
+            fit.predict(model, val, ckpt_path=path)
+        assert_bits_equal(model.outputs["predict"], expected)
+        with pytest.raises(RuntimeError, match="no averages yet"):
+            _ = callback.ema
+
+
+def test_the_lr_finder_restoring_its_checkpoint_during_fit_is_not_refused(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    finder = LearningRateFinder(num_training_steps=3, update_attr=False)
+    model, probe, callback = Net(), Probe(), EMACallback(0.8)
+    initial = weights(model)
+    # When fit starts the finder saves a checkpoint (before the averages exist: the callback
+    # saves that it was there), trains a few steps with its own callback alone, then restores
+    # the checkpoint, this callback's state included, and training starts.
+    options = {"max_epochs": 1, "default_root_dir": tmp_path}  # the finder's checkpoint
+    trainer([finder, probe, callback], **options).fit(model, loader(4))
+
+    assert_bits_equal(probe.initial, initial)
+    assert [dt for dt, _ in probe.steps] == [1] * 4
+    assert_bits_equal(state(callback.ema), state(replay(initial, probe.steps, decay=0.8)))
 
 
 # --- two processes ---------------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 A one-layer BERT classifier (built from a config, nothing downloaded) trained for a few steps on
 random token ids, seeded. A probe callback placed before ``EMACallback`` records the live
-weights after each optimizer step and, at each evaluation, the loss of ``ema.shadow`` on the
-evaluation set. Every check is exact (``torch.equal``, ``==``).
+weights after each optimizer step, what each evaluation forward ran on (a hook inside the
+model) and, at each evaluation, the loss of ``ema.shadow`` on the evaluation set. Every check is
+exact (``torch.equal``, ``==``).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
 import runpy
 import shutil
 import subprocess
@@ -28,6 +30,10 @@ from safetensors.torch import load_file
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -104,6 +110,10 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert a[name] == b[name], name
 
 
+def holds_averages(model: torch.nn.Module, ema: fe.EMA) -> bool:
+    return all(torch.equal(p, ema.average(name)) for name, p in model.named_parameters())
+
+
 def batch_loss(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
     batch = {key: torch.stack([row[key] for row in data]) for key in data[0]}
     with torch.no_grad():
@@ -118,7 +128,8 @@ class Probe(TrainerCallback):
         self.eval_sets = eval_sets
         self.weights: list[dict[str, torch.Tensor]] = []  # live, after each optimizer step
         self.substeps = 0
-        self.evaluations: list[tuple[str, float, bool]] = []  # (set, eval loss, averages in)
+        self.evaluations: list[tuple[str, float, bool]] = []  # (set, eval loss, on averages)
+        self.forwards: list[bool] = []  # per evaluation forward: the model held the averages
         self.shadow_losses: list[float] = []  # ema.shadow's loss on the same set (ShadowLoss)
         self.live_losses: list[float] = []  # the live weights' on the same set
         self.scratch = make_model().eval()  # holds copies of the live weights
@@ -128,6 +139,13 @@ class Probe(TrainerCallback):
         if self.weights:
             assert_same(snapshot(model), self.weights[-1])
             self.live_checks += 1
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def record(module, args, output):  # inside the model's forward, before it returns
+            if module is model.classifier and not module.training:  # not in ema.shadow
+                self.forwards.append(holds_averages(model, self.callback.ema))
+
+        model.classifier.register_forward_hook(record)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._check_live(model)
@@ -139,16 +157,15 @@ class Probe(TrainerCallback):
         self.weights.append(snapshot(model))
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        # Before EMACallback.on_evaluate: the model still holds what was evaluated.
-        ema = self.callback.ema
-        holds_averages = all(
-            torch.equal(p, ema.average(name)) for name, p in model.named_parameters()
-        )
+        # Every forward of the evaluation ran on the averages; between forwards (now, with
+        # the metrics) the model holds its live weights.
+        self._check_live(model)
+        forwards, self.forwards = self.forwards, []
         [name] = [n for n in self.eval_sets if f"{n}_loss" in metrics]
-        if self.weights:  # the live weights' loss, on a scratch copy (the model is busy)
+        if self.weights:  # the live weights' loss, on a scratch copy
             self.scratch.load_state_dict(self.weights[-1])
         self.live_losses.append(batch_loss(self.scratch, self.eval_sets[name]))
-        self.evaluations.append((name, metrics[f"{name}_loss"], holds_averages))
+        self.evaluations.append((name, metrics[f"{name}_loss"], bool(forwards) and all(forwards)))
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._check_live(model)
@@ -265,16 +282,16 @@ def test_evaluation_runs_on_the_averages_and_gives_the_live_weights_back(
     assert probe is not None
     # eval_on_start, then steps 2, 4, 6: once per dataset each time
     assert len(probe.evaluations) == 4 * len(probe.eval_sets)
-    for (name, metric, holds_averages), shadow in zip(
+    for (name, metric, on_averages), shadow in zip(
         probe.evaluations, probe.shadow_losses, strict=True
     ):
         assert metric == shadow, name
-        assert holds_averages, name
+        assert on_averages, name
     start = len(probe.eval_sets)  # eval_on_start: the averages are still the weights
     assert probe.live_losses[:start] == probe.shadow_losses[:start]
     for live, shadow in zip(probe.live_losses[start:], probe.shadow_losses[start:], strict=True):
         assert live != shadow
-    assert probe.live_checks >= 6 + 2  # each step begin, each save (its model.safetensors)
+    assert probe.live_checks >= 6 + 2 + 3 * len(probe.eval_sets)  # step begins, saves, evals
 
     # The callback does not change training: same weights as a run without it.
     plain, _, _ = train(tmp_path / "plain", None, eval_dataset=eval_dataset, **settings)
@@ -384,28 +401,198 @@ def test_load_best_model_at_end_loads_that_checkpoints_averages(tmp_path: Path) 
     print(f"best checkpoint {Path(best).name}: its averages loaded and applied")
 
 
-def test_failed_evaluation_keeps_the_averages_out_of_checkpoints(tmp_path: Path) -> None:
-    def broken(_: Any) -> dict[str, float]:
-        raise ArithmeticError("metric failed")
+@pytest.mark.parametrize("where", ["metrics", "forward", "interrupt"])
+def test_a_failed_evaluation_leaves_the_live_weights_in_the_model(tmp_path: Path, where: str):
+    # The second evaluation (step 4) fails: in compute_metrics, inside the model's forward
+    # (an Exception), or by a KeyboardInterrupt inside the forward.
+    evaluations: list[int] = []
+    failed: list[int] = []
 
-    callback = EMACallback(DECAY)
+    def metrics(_: Any) -> dict[str, float]:
+        evaluations.append(1)
+        if where == "metrics" and len(evaluations) == 2:
+            raise ArithmeticError("metric failed")
+        return {}
+
+    def fail(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if where != "metrics" and not module.training and len(evaluations) == 1 and not failed:
+            failed.append(1)
+            raise (KeyboardInterrupt if where == "interrupt" else ArithmeticError)("failed")
+
     model = make_model()
-    probe = Probe(callback, {})
+    model.classifier.register_forward_hook(fail)
+    callback = EMACallback(DECAY)
+    probe = Probe(callback, {"eval": EVAL})
+    settings = {"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps"}
     trainer = Trainer(
         model=model,
-        args=make_args(tmp_path, eval_strategy="steps", eval_steps=2),
+        args=make_args(tmp_path, max_steps=4, save_steps=2, **settings),
         train_dataset=TRAIN,
         eval_dataset=EVAL,
-        compute_metrics=broken,
+        compute_metrics=metrics,
         callbacks=[probe, callback],
     )
-    with pytest.raises(ArithmeticError, match="metric failed"):
+    with pytest.raises(KeyboardInterrupt if where == "interrupt" else ArithmeticError):
         trainer.train()
-    with pytest.raises(RuntimeError, match=r"state_dict\(\)") as refused:
-        trainer.save_model(str(tmp_path / "final"))
-    callback.ema.restore()
-    assert_same(snapshot(model), probe.weights[-1])
-    print(refused.value)
+    if where == "interrupt":  # torch runs always_call hooks for an Exception only
+        with pytest.raises(RuntimeError, match=r"model.state_dict\(\) between ema.store"):
+            snapshot(model)
+        callback.ema.restore()  # the fix the refusal names (a plain train() would do it too)
+    assert_same(snapshot(model), probe.weights[-1])  # the live weights of step 4
+    trainer.save_model(str(tmp_path / "final"))
+    # Resuming loads checkpoint-2 into the model before the callback's on_train_begin.
+    del probe.weights[2:]  # the probe checks the live weights from step 2 on again
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.state.global_step == int(callback.ema.step) == 4
+    assert [on_averages for _, _, on_averages in probe.evaluations] == [True, True]  # 2, 4
+    print(f"{where}: live weights in the model after the failure; resumed from checkpoint-2")
+
+
+def test_a_failed_resume_keeps_the_previous_averages(saved_run, tmp_path: Path) -> None:
+    folder, _, _ = saved_run
+    callback = EMACallback(DECAY)
+    train(tmp_path / "first", callback, max_steps=2)
+    ema, before = callback.ema, copy.deepcopy(callback.ema.state_dict())
+    shutil.copytree(folder / "checkpoint-3", tmp_path / "second" / "checkpoint-3")
+    (tmp_path / "second" / "checkpoint-3" / CHECKPOINT_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="no averages beside the checkpoint"):
+        train(tmp_path / "second", callback, resume=True)
+    assert callback.ema is ema
+    assert_same(callback.ema.state_dict(), before)
+    assert int(callback.ema.step) == 2
+
+
+def test_a_copy_of_the_model_made_while_armed_runs_its_own_weights(tmp_path: Path) -> None:
+    # Between two evaluation datasets the hooks stay armed: a copy of the model made there
+    # (e.g. ema.shadow built in a later callback's on_evaluate) must not carry them along.
+    copies: list[tuple[str, float, float]] = []  # (how, the copy's loss, the live weights')
+
+    class Copy(TrainerCallback):  # after EMACallback
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            if "eval_a_loss" not in metrics:
+                return
+            assert callback._hooks  # armed for dataset "b"
+            live = snapshot(model)
+            scratch = make_model().eval()
+            scratch.load_state_dict(live)
+            for how, copy_of in [("deepcopy", copy.deepcopy), ("pickle", pickle_copy)]:
+                twin = copy_of(model).eval()
+                copies.append((how, batch_loss(twin, EVAL), batch_loss(scratch, EVAL)))
+                assert_same(snapshot(twin), live)  # its state_dict() is not refused
+            assert_same(snapshot(model), live)  # the copies' forwards left the model alone
+
+    def pickle_copy(model: torch.nn.Module) -> torch.nn.Module:
+        return pickle.loads(pickle.dumps(model))
+
+    callback = EMACallback(DECAY)
+    trainer = Trainer(
+        model=make_model(),
+        args=make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=TRAIN,
+        eval_dataset={"a": EVAL, "b": EVAL_B},
+        callbacks=[callback, Copy()],
+    )
+    trainer.train()
+    assert [how for how, *_ in copies] == ["deepcopy", "pickle"]
+    for how, twin, live in copies:
+        assert twin == live, how
+    print(copies)
+
+
+def recorder(
+    model: torch.nn.Module, callback: EMACallback, names: list[str]
+) -> list[tuple[str, bool]]:
+    """Per eval-mode call of these submodules: whether the model held the averages."""
+    calls: list[tuple[str, bool]] = []
+    for name in names:
+        submodule = model.get_submodule(name)
+
+        def record(module, args, output, name=name, submodule=submodule):
+            if module is submodule and not module.training:  # not in ema.shadow
+                calls.append((name, holds_averages(model, callback.ema)))
+
+        submodule.register_forward_hook(record)
+    return calls
+
+
+def test_generation_evaluates_the_averages(tmp_path: Path) -> None:
+    # generate() calls the encoder on its own, then the whole model once per new token.
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = T5ForConditionalGeneration(config)
+    data = [{"input_ids": row["input_ids"], "labels": row["input_ids"][:4]} for row in TRAIN]
+    callback = EMACallback(DECAY)
+    calls = recorder(model, callback, ["encoder.final_layer_norm", "lm_head"])
+    settings = make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2).to_dict()
+    settings.pop("output_dir")
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(
+            str(tmp_path), predict_with_generate=True, generation_max_length=4, **settings
+        ),
+        train_dataset=data,
+        eval_dataset=data[:8],
+        compute_metrics=lambda _: {},
+        callbacks=[callback],
+    )
+    trainer.train()
+    [evaluation] = [row for row in trainer.state.log_history if "eval_loss" in row]
+    # generate: the encoder, then 3 new tokens; then the loss: encoder and decoder once more
+    names = ["encoder.final_layer_norm", *["lm_head"] * 3, "encoder.final_layer_norm", "lm_head"]
+    assert calls == [(name, True) for name in names]
+    assert not holds_averages(model, callback.ema)  # they differ: the check means something
+    batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
+    with torch.no_grad():
+        assert evaluation["eval_loss"] == float(callback.ema.shadow(**batch).loss)
+
+
+def test_a_compute_loss_that_calls_submodules_evaluates_the_averages(tmp_path: Path) -> None:
+    class SplitLoss(Trainer):  # calls model.bert and model.classifier, never model itself
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = split_logits(model, inputs["input_ids"])
+            loss = torch.nn.functional.cross_entropy(logits, inputs["labels"])
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    def split_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model.classifier(model.bert(input_ids=ids).pooler_output)
+
+    model = make_model()
+    callback = EMACallback(DECAY)
+    calls = recorder(model, callback, ["bert.pooler", "classifier"])
+    trainer = SplitLoss(
+        model=model,
+        args=make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=TRAIN,
+        eval_dataset=EVAL,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert calls == [("bert.pooler", True), ("classifier", True)]
+    batch = {key: torch.stack([row[key] for row in EVAL]) for key in EVAL[0]}
+
+    def loss(of: torch.nn.Module) -> float:
+        with torch.no_grad():
+            logits = split_logits(of, batch["input_ids"])
+        return float(torch.nn.functional.cross_entropy(logits, batch["labels"]))
+
+    [evaluation] = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert evaluation["eval_loss"] == loss(callback.ema.shadow)
+    # After training the hooks are gone: a manual evaluation runs on the model as it is, and
+    # a swap block evaluates the averages.
+    assert trainer.evaluate()["eval_loss"] == loss(model) != loss(callback.ema.shadow)
+    with callback.ema.swap():
+        assert trainer.evaluate()["eval_loss"] == loss(callback.ema.shadow)
 
 
 def test_an_evaluation_it_was_not_told_of_warns(tmp_path: Path) -> None:
