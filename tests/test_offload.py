@@ -146,3 +146,22 @@ def test_offload_errors(kwargs: dict, match: str) -> None:
         kwargs = {**kwargs, "device": "meta"}
     with pytest.raises(ValueError, match=match):
         fe.EMA(make_model(), 0.9, **kwargs)
+
+
+def test_staged_averages_match_averaged_model_with_a_device(staged: None) -> None:
+    """AveragedModel(device=...) keeps its averages elsewhere too (a blocking copy per tensor):
+    same averages up to the rounding of its lerp (TF's order here), 1e-6 relative."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = make_model()
+    peer = AveragedModel(model, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    peer.update_parameters(model)  # its first call copies
+    ours = fe.EMA(model, 0.9, device="cpu")
+    ours._staging = Staging(limit=256)
+    for call in range(1, 8):
+        step(model, call)
+        peer.update_parameters(model)
+        ours.update()
+    for name, average in ours.state()["params"].items():
+        torch.testing.assert_close(average, peer.module.get_parameter(name), rtol=1e-6, atol=1e-7)
+    assert int(ours.step) == int(peer.n_averaged) - 1
