@@ -1323,6 +1323,26 @@ class EMA(nn.Module):
         model, self._stored = self._put_averages("EMA.store")
         return model
 
+    @property
+    def stored(self) -> bool:
+        """Whether the live model holds the averages: between :meth:`store` and :meth:`restore`.
+
+        (Inside ``with ema.swap():`` too, but only :meth:`store` needs a :meth:`restore`; this
+        is ``True`` only for it.) For code that must put the live weights back after an
+        interruption: ``if ema.stored: ema.restore()``.
+
+        Example:
+            >>> import torch, functional_ema as fe
+            >>> ema = fe.EMA(torch.nn.Linear(2, 1), 0.9)
+            >>> _ = ema.store()
+            >>> ema.stored
+            True
+            >>> ema.restore()
+            >>> ema.stored
+            False
+        """
+        return self._stored is not None
+
     def restore(self) -> None:
         """Put the live weights back after :meth:`store`, bit for bit, slots included.
 

@@ -284,7 +284,7 @@ class EMACallback(TrainerCallback):
         inside, self._inside = self._inside, []
         ema = self._ema
         # The EMA's own record: the user may have restored by hand, as the refusals say.
-        if inside and ema is not None and ema._stored is not None:
+        if inside and ema is not None and ema.stored:
             ema.restore()
 
     def _disarm(self) -> None:

@@ -243,3 +243,15 @@ def test_a_store_from_another_thread_during_update_is_refused_not_averaged_in() 
     assert_bits_equal(ema.state()["params"], averages)
     ema.restore()
     assert torch.all(model.lin.weight == 10.0)
+
+
+def test_stored_says_whether_a_restore_is_due() -> None:
+    model = torch.nn.Linear(2, 1)
+    ema = fe.EMA(model, 0.9)
+    assert not ema.stored
+    with ema.swap():
+        assert not ema.stored  # the block restores by itself
+    ema.store()
+    assert ema.stored
+    ema.restore()
+    assert not ema.stored
