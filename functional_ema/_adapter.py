@@ -75,15 +75,40 @@ def check_count(api: str, path: str, value: object, least: int) -> int:
     return value
 
 
-def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) -> list[str]:
-    """The names matched by ``patterns`` (exact names or ``fnmatch`` globs), in model order.
+def check_ema_decay(api: str, decay: object, use_num_updates: bool) -> Decay | Schedule:
+    """An EMA's decay: a checked constant, or a schedule of one decay.
 
-    Raises:
-        TypeError: ``patterns`` is a string (not a list of them) or holds a non-string.
-        ValueError: A pattern that matches no parameter or buffer (a typo would silently
-            leave out what it meant).
+    Not a schedule with ``use_num_updates``, which is TF's warmup schedule itself.
     """
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+    if not callable(decay) or isinstance(decay, Tensor):
+        return check_decay(api, decay)
+    if is_bank(decay):
+        raise wrong_value(
+            api,
+            "a bank schedule",
+            "decay",
+            "a schedule of one decay",
+            repr(decay),
+            "An EMA keeps one average per parameter: pass one decay, or keep several "
+            "averages with fe.bank / fe.ema_update_bank.",
+        )
+    if use_num_updates:
+        raise wrong_type(
+            api,
+            "`use_num_updates` with a schedule",
+            "decay",
+            "a constant decay",
+            f"the schedule {decay!r}",
+            "Pass the schedule alone, or fe.tf_warmup(decay) as the schedule.",
+        )
+    return decay
+
+
+def check_patterns(api: str, path: str, patterns: object) -> None:
+    """A list of names or globs (``exclude=``, ``names=``), not a string."""
+    if isinstance(patterns, str) or not (
+        isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns)
+    ):
         raise wrong_type(
             api,
             f"{path} of the wrong type",
@@ -92,6 +117,17 @@ def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) ->
             describe(patterns),
             f"Write {path}=['head.*'] (a list, even for one pattern).",
         )
+
+
+def _matching(api: str, path: str, patterns: Sequence[str], names: list[str]) -> list[str]:
+    """The names matched by ``patterns`` (exact names or ``fnmatch`` globs), in model order.
+
+    Raises:
+        TypeError: ``patterns`` is a string (not a list of them) or holds a non-string.
+        ValueError: A pattern that matches no parameter or buffer (a typo would silently
+            leave out what it meant).
+    """
+    check_patterns(api, path, patterns)
 
     def matches(name: str, pattern: str) -> bool:
         # A pattern that is a name matches only that name ('a[0].weight' is not a glob).
@@ -487,27 +523,7 @@ class EMA(nn.Module):
                 "Pass the model it tracks (ema.model); to average the averages, pass ema.shadow.",
             )
         check_unwrapped(api, model, "model")
-        if not callable(decay) or isinstance(decay, Tensor):
-            decay = check_decay(api, decay)
-        elif is_bank(decay):
-            raise wrong_value(
-                api,
-                "a bank schedule",
-                "decay",
-                "a schedule of one decay",
-                repr(decay),
-                "An EMA keeps one average per parameter: pass one decay, or keep several "
-                "averages with fe.bank / fe.ema_update_bank.",
-            )
-        elif use_num_updates:
-            raise wrong_type(
-                api,
-                "`use_num_updates` with a schedule",
-                "decay",
-                "a constant decay",
-                f"the schedule {decay!r}",
-                "Pass the schedule alone, or fe.tf_warmup(decay) as the schedule.",
-            )
+        decay = check_ema_decay(api, decay, use_num_updates)
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
         update_every = check_count(api, "update_every", update_every, 1)

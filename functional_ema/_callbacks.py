@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from functional_ema._adapter import EMA, check_count
+from functional_ema._adapter import EMA, check_count, check_ema_decay, check_patterns
 from functional_ema._core import check_policy
-from functional_ema._decay import check_decay
 from functional_ema._errors import describe, wrong_type
 from functional_ema._types import BufferPolicy, Decay, NonFinite, Schedule
 from functional_ema._update import check_buffer_policy
@@ -70,17 +69,7 @@ class Options:
         pin_memory: bool,
         apply_at_end: bool,
     ) -> None:
-        if not callable(decay) or isinstance(decay, Tensor):
-            decay = check_decay(api, decay)
-        elif use_num_updates:
-            raise wrong_type(
-                api,
-                "`use_num_updates` with a schedule",
-                "decay",
-                "a constant decay",
-                f"the schedule {decay!r}",
-                "Pass the schedule alone, or fe.tf_warmup(decay) as the schedule.",
-            )
+        decay = check_ema_decay(api, decay, use_num_updates)
         check_buffer_policy(api, buffer_policy)
         check_policy(api, nonfinite)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -92,15 +81,7 @@ class Options:
                 describe(dtype),
                 "Pass e.g. dtype=torch.float32, or None to keep the model's dtypes.",
             )
-        if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
-            raise wrong_type(
-                api,
-                "exclude of the wrong type",
-                "exclude",
-                "a list of names or glob patterns",
-                describe(exclude),
-                "Write exclude=['head.*'] (a list, even for one pattern).",
-            )
+        check_patterns(api, "exclude", exclude)
         self.decay: Decay | Schedule = decay
         self.ema_options: dict[str, Any] = {
             "use_num_updates": check_bool(api, "use_num_updates", use_num_updates),
