@@ -59,6 +59,7 @@ from functional_ema._state import average as average
 from functional_ema._state import extend as extend
 from functional_ema._state import init as init
 from functional_ema._swap import swapped as swapped
+from functional_ema._update import release_plans as release_plans
 from functional_ema._update import update as update
 from functional_ema._update import update_ as update_
 from functional_ema._weighted import weighted_moving_average as weighted_moving_average
@@ -99,6 +100,7 @@ __all__ = [
     "posthoc_update_",
     "power",
     "reconstruct",
+    "release_plans",
     "save",
     "sigma_rel_to_gamma",
     "swapped",

@@ -15,14 +15,26 @@ drift); :func:`keep_finite` is the one way a NaN or Inf is left out of an averag
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 def is_inexact(tensor: Tensor) -> bool:
     """Whether a leaf is averaged (floating or complex) rather than copied."""
     return tensor.is_floating_point() or tensor.is_complex()
+
+
+def inexact_flags(tensors: Sequence[Tensor]) -> list[bool]:
+    """:func:`is_inexact` of each tensor: one pass in C over the dtypes, no Python per tensor."""
+    dtypes = list(map(_DTYPE, tensors))
+    kinds = {dtype: dtype.is_floating_point or dtype.is_complex for dtype in set(dtypes)}
+    return list(map(kinds.__getitem__, dtypes))
 
 
 def _in_shadow_dtype(shadow: Tensor, value: Tensor) -> Tensor:

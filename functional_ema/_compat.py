@@ -18,6 +18,8 @@ probe                     fallback when it fails
 ``foreach_copy``          one ``copy_`` per tensor
 ``nested_views``          the views of a packed buffer are made one by one in Python (one
                           ``slice`` and one ``view`` dispatched per tensor instead of two in all)
+``chunk_cat``             a gather copies through views of its buffer (:func:`views_of`, then
+                          one multi-tensor copy), as plans that run again always do
 ``standalone_compile``    ``torch.compile`` builds the update kernels
 ``precision_casts``       no compiled kernels (Inductor could not round like eager): eager
 ``compile_lock``          kernel builds do not hold Dynamo's compile lock (a ``torch.compile``
@@ -50,6 +52,7 @@ PROBES = (
     "tensor_guards",
     "foreach_copy",
     "nested_views",
+    "chunk_cat",
     "standalone_compile",
     "precision_casts",
     "compile_lock",
@@ -78,6 +81,7 @@ _FOREACH_COPY: Callable[[list[Tensor], list[Tensor]], None] | None = getattr(
     torch, "_foreach_copy_", None
 )
 _NESTED_VIEW: Callable[..., Tensor] | None = getattr(torch, "_nested_view_from_buffer", None)
+_CHUNK_CAT: Callable[..., Tensor] | None = getattr(torch, "_chunk_cat", None)
 
 
 @functools.cache
@@ -90,6 +94,8 @@ def _probe(probe: str) -> bool:
         return callable(_FOREACH_COPY)
     if probe == "nested_views":
         return _nested_views_work()
+    if probe == "chunk_cat":
+        return _chunk_cat_works()
     if probe in ("standalone_compile", "precision_casts"):
         # Seconds to import: probed on the first compile only, on the kernels' build thread.
         inductor = importlib.import_module("torch._inductor")
@@ -110,6 +116,11 @@ def _probe(probe: str) -> bool:
     except ImportError:
         return False
     return hasattr(getattr(fsdp, "FSDPModule", None), "_get_fsdp_state")
+
+
+def forced() -> frozenset[str]:
+    """The probes :class:`forced_off` turns off now (plans built under them differ)."""
+    return frozenset(_forced_off)
 
 
 class forced_off:
@@ -216,6 +227,42 @@ def foreach_copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         return
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
+
+
+def gather_into(buffer: Tensor, sources: Sequence[Tensor]) -> None:
+    """Copy ``sources`` back to back into the 1-D ``buffer``, each in its logical order.
+
+    ``buffer`` holds exactly their elements, in their dtype. One dispatched operation
+    (``torch._chunk_cat``, which reads any strides and lazy views) however many sources, and
+    no views made: cheaper than :func:`views_of` plus :func:`foreach_copy_` for a gather that
+    runs once (a pure or functional update), dearer for one that runs again (an adapter's
+    kept plan), whose views are made once. Fallback: those views and that copy.
+    """
+    if sources and available("chunk_cat"):
+        assert _CHUNK_CAT is not None
+        parts = list(sources)
+        if not all(map(Tensor.dim, parts)):  # 0-dim values: ``_chunk_cat`` wants a dimension
+            parts = [p.view(1) if not p.dim() else p for p in parts]
+        try:
+            _CHUNK_CAT(parts, 0, 1, out=buffer.view(1, -1))
+            return
+        except (RuntimeError, TypeError, ValueError):  # e.g. a device without the kernel
+            pass
+    foreach_copy_(views_of(buffer, [s.shape for s in sources]), sources)
+
+
+def _chunk_cat_works() -> bool:
+    """Whether ``torch._chunk_cat`` gathers in logical order (strides, 1-D and 2-D values)."""
+    if _CHUNK_CAT is None:
+        return False
+    sources = [torch.arange(6.0).view(2, 3).t(), torch.arange(3.0), torch.arange(8.0)[::2]]
+    want = torch.cat([s.reshape(-1) for s in sources])
+    out = torch.full((want.numel(),), -1.0)
+    try:
+        _CHUNK_CAT(sources, 0, 1, out=out.view(1, -1))
+    except Exception:
+        return False
+    return bool(torch.equal(out, want))
 
 
 def _python_views(buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:

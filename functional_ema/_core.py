@@ -6,14 +6,16 @@ policy check and the ``nonfinite="raise"`` check.
 
 from __future__ import annotations
 
+import operator
 import struct
+from itertools import compress
 from typing import Literal, TypeAlias, cast
 
 import optree
 import torch
 from torch import Tensor
 
-from functional_ema._arith import average_leaf, is_inexact
+from functional_ema._arith import average_leaf, inexact_flags, is_inexact
 from functional_ema._decay import averaging_weight, check_decay, unread_in_range, weight_as
 from functional_ema._dtensor import localize, rewrap
 from functional_ema._engine import build_plan, fast_path_ok, pure_path_ok, updated
@@ -71,8 +73,10 @@ def split_by_kind(
     pairs: list[tuple[Tensor, Tensor]],
 ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
     """Validated ``(shadow, value)`` pairs split into floating ones (averaged) and the rest."""
-    averaged = [(s, v) for s, v in pairs if is_inexact(s)]
-    return averaged, [(s, v) for s, v in pairs if not is_inexact(s)]
+    kinds = inexact_flags(list(map(operator.itemgetter(0), pairs)))
+    if all(kinds):
+        return list(pairs), []
+    return list(compress(pairs, kinds)), list(compress(pairs, map(operator.not_, kinds)))
 
 
 def updated_leaves(
@@ -86,13 +90,14 @@ def updated_leaves(
 
     Floating leaves are averaged, the others copied (see :func:`_engine.updated`).
     """
-    kinds = [is_inexact(s) for s in shadow]
-    averaged = [(s, v) for s, v, k in zip(shadow, values, kinds, strict=True) if k]
-    copied = [(s, v) for s, v, k in zip(shadow, values, kinds, strict=True) if not k]
+    averaged, copied = split_by_kind(list(zip(shadow, values, strict=True)))
     new_averaged, new_copied, flags = updated(
         averaged, copied, weights, mask=mask, valid=weights.valid
     )
+    if not copied:
+        return new_averaged, flags
     averaged_iter, copied_iter = iter(new_averaged), iter(new_copied)
+    kinds = inexact_flags(shadow)
     return [next(averaged_iter) if k else next(copied_iter) for k in kinds], flags
 
 

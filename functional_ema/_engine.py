@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, ema_step, ema_step_if_finite_, keep_finite
-from functional_ema._compat import any_functorch_wrapped, foreach_copy_, views_of
+from functional_ema._compat import any_functorch_wrapped, foreach_copy_, gather_into, views_of
 from functional_ema._kernels import ROW, compiled
 
 
@@ -111,9 +111,14 @@ def use_strategy(name: str) -> Iterator[None]:
         _strategy.reset(token)
 
 
+def strategy_setting() -> str:
+    """The strategy setting plans are built under now (``"auto"`` or a forced one)."""
+    return _strategy.get() or _strategy_setting()
+
+
 def strategy_for(device: torch.device) -> str:
     """The strategy plans for ``device`` use now: ``"direct"`` or ``"batched"``."""
-    name = _strategy.get() or _strategy_setting()
+    name = strategy_setting()
     if name == "auto":
         return "direct" if device.type == "cpu" else "batched"
     return name
@@ -142,6 +147,8 @@ _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
 
 _local = threading.local()
 
@@ -448,17 +455,21 @@ class _Region:
 class _Gather:
     """A run of values (and of averages, when they are not one region) copied into buffers.
 
-    The values are copied into ``targets`` (views of a gather buffer the plan's gathers
-    share), updated there as one region against ``region.shadow``, which is a slice of the
-    averages' region, or, with ``shadows``, views of a second shared buffer that the
-    averages are copied into first and back from after.
+    The values are copied into ``region.value`` (a gather buffer the plan's gathers share),
+    updated there as one region against ``region.shadow``, which is a slice of the averages'
+    region, or, with ``shadows``, views of a second shared buffer that the averages are
+    copied into first and back from after. ``targets``, views of the gather buffer shaped
+    like the values, are made on the second run (``None`` until then): a plan run once (a
+    functional update) gathers without them, in one operation; a kept plan (the adapter's)
+    makes them once and copies through them, which costs less per run.
     """
 
     values: list[Tensor]
-    targets: list[Tensor]
+    targets: list[Tensor] | None
     region: _Region
     shadows: list[Tensor] | None = None
     shadow_targets: list[Tensor] | None = None
+    runs: int = 0
 
     @property
     def shadow(self) -> Tensor:
@@ -468,7 +479,14 @@ class _Gather:
         self, weight: float | Tensor, *, mask: bool, valid: Tensor | None = None
     ) -> list[Tensor]:
         """Copy the values (and averages) in, update the region, copy the averages back."""
-        foreach_copy_(self.targets, self.values)
+        if self.targets is not None:
+            foreach_copy_(self.targets, self.values)
+        elif not self.runs:
+            gather_into(self.region.value, self.values)
+        else:
+            self.targets = views_of(self.region.value, [v.shape for v in self.values], pad=True)
+            foreach_copy_(self.targets, self.values)
+        self.runs += 1
         if self.shadows is not None and self.shadow_targets is not None:
             foreach_copy_(self.shadow_targets, self.shadows)
             flags = self.region.run(weight, mask=mask, valid=valid)
@@ -680,9 +698,10 @@ def _plan_group(
     by a pure update). Returns what makes the gathers' views once every group has reserved
     its buffers.
     """
-    shadows = [s for s, _ in pairs]
-    values = [v for _, v in pairs]
-    total = sum(s.numel() for s in shadows)
+    shadows = list(map(_FIRST, pairs))
+    values = list(map(_SECOND, pairs))
+    offsets = list(accumulate(map(Tensor.numel, shadows), initial=0))
+    total = offsets[-1]
     if strategy == "whole":
         chunk = direct_from = total + 1
         eager_chunk = batch_chunk(total)
@@ -706,9 +725,6 @@ def _plan_group(
             and (shadow_flat is not None or (shadow.is_contiguous() and not _lazy(shadow)))
         )
 
-    offsets = [0]
-    for s in shadows:
-        offsets.append(offsets[-1] + s.numel())
     pending: list[tuple[int, int, tuple[str, torch.dtype, torch.device], object]] = []
     for start, stop, is_direct in _runs(pairs, direct, direct_from, chunk):
         if is_direct:
@@ -730,14 +746,14 @@ def _plan_group(
         for start, stop, value_key, shadow_key in pending:
             numel = offsets[stop] - offsets[start]
             value_buffer = buffers.get(value_key)[:numel]
-            targets = views_of(value_buffer, [v.shape for v in values[start:stop]], pad=True)
             if shadow_key is None:
                 assert shadow_flat is not None
                 region = _Region(
                     shadow_flat[offsets[start] : offsets[stop]], value_buffer, eager_chunk
                 )
-                plan.gathers.append(_Gather(values[start:stop], targets, region))
+                plan.gathers.append(_Gather(values[start:stop], None, region))
                 continue
+            targets = views_of(value_buffer, [v.shape for v in values[start:stop]], pad=True)
             shadow_buffer = buffers.get(shadow_key)[:numel]  # type: ignore[arg-type]
             shadow_targets = views_of(shadow_buffer, [s.shape for s in shadows[start:stop]])
             region = _Region(shadow_buffer, value_buffer, eager_chunk)
@@ -746,6 +762,38 @@ def _plan_group(
             )
 
     return make
+
+
+def _groups(
+    averaged: Sequence[tuple[Tensor, Tensor]], leaves: list[tuple[Tensor, Tensor]]
+) -> dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]]:
+    """Non-empty real pairs by (device, shadow dtype, value dtype), in their given order.
+
+    Complex pairs go to ``leaves`` (the engine's kernels are for real floating dtypes).
+    Keys and sizes are read in C passes; the common case, one key and no empty pair, makes
+    no Python step per pair.
+    """
+    shadows = list(map(_FIRST, averaged))
+    keys = list(
+        zip(
+            map(_DEVICE, shadows),
+            map(_DTYPE, shadows),
+            map(_DTYPE, map(_SECOND, averaged)),
+            strict=True,
+        )
+    )
+    unique = set(keys)
+    if len(unique) == 1 and all(map(Tensor.numel, shadows)):
+        key = unique.pop()
+        if not key[1].is_complex:
+            return {key: list(averaged)}
+    groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
+    for key, pair in zip(keys, averaged, strict=True):
+        if key[1].is_complex:
+            leaves.append(pair)
+        elif pair[0].numel():
+            groups.setdefault(key, []).append(pair)
+    return groups
 
 
 def build_plan(
@@ -765,17 +813,11 @@ def build_plan(
     update: a few launches, whatever the device).
     """
     plan = Plan()
-    groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
-    for shadow, value in averaged:
-        if shadow.is_complex():  # the engine's kernels are for real floating dtypes
-            plan.leaves.append((shadow, value))
-        elif shadow.numel():
-            key = (shadow.device, shadow.dtype, value.dtype)
-            groups.setdefault(key, []).append((shadow, value))
-    regions = {key: flat_view([s for s, _ in pairs]) for key, pairs in groups.items()}
-    spans = [([s for s, _ in pairs], regions[key]) for key, pairs in groups.items()]
-    spans.append(([s for s, _ in plan.leaves], None))
-    if _aliased(spans, [v for _, v in averaged]):  # one leaf after another, as written
+    groups = _groups(averaged, plan.leaves)
+    regions = {key: flat_view(list(map(_FIRST, pairs))) for key, pairs in groups.items()}
+    spans = [(list(map(_FIRST, pairs)), regions[key]) for key, pairs in groups.items()]
+    spans.append((list(map(_FIRST, plan.leaves)), None))
+    if _aliased(spans, list(map(_SECOND, averaged))):  # one leaf after another, as written
         plan.leaves = list(averaged)
         groups = {}
     buffers = _Buffers()
