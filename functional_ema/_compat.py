@@ -233,14 +233,18 @@ def gather_into(buffer: Tensor, sources: Sequence[Tensor]) -> None:
     """Copy ``sources`` back to back into the 1-D ``buffer``, each in its logical order.
 
     ``buffer`` holds exactly their elements, in their dtype. One dispatched operation
-    (``torch._chunk_cat``, which reads any strides and lazy views) however many sources, and
-    no views made: cheaper than :func:`views_of` plus :func:`foreach_copy_` for a gather that
-    runs once (a pure or functional update), dearer for one that runs again (an adapter's
-    kept plan), whose views are made once. Fallback: those views and that copy.
+    (``torch._chunk_cat``, which reads any strides, and lazily negated or conjugated views
+    on the CPU; elsewhere those take the fallback) however many sources, and no views made:
+    cheaper than :func:`views_of` plus :func:`foreach_copy_` for a gather that runs once (a
+    pure or functional update), dearer for one that runs again (an adapter's kept plan),
+    whose views are made once. Fallback: those views and that copy.
     """
-    if sources and available("chunk_cat"):
+    parts = list(sources)
+    lazy = buffer.device.type != "cpu" and (  # the probe saw only the CPU's kernel read them
+        any(map(Tensor.is_neg, parts)) or any(map(Tensor.is_conj, parts))
+    )
+    if parts and not lazy and available("chunk_cat"):
         assert _CHUNK_CAT is not None
-        parts = list(sources)
         if not all(map(Tensor.dim, parts)):  # 0-dim values: ``_chunk_cat`` wants a dimension
             parts = [p.view(1) if not p.dim() else p for p in parts]
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import threading
 import weakref
 from dataclasses import dataclass
@@ -505,33 +506,63 @@ def update_(
 class _Kept:
     """A validated in-place update kept for the next ``update_`` of the same state.
 
-    It holds while every leaf it read (the state's and the values') has the same memory
-    (data pointer) and metadata (dtype, device, shape, strides, type); the plan's views
-    keep that memory alive, so no other tensor can sit there meanwhile. ``bound.state`` is
-    ``None``: the kept update never holds the state itself, whose ``step`` tensor it
-    watches by weak reference (when the state is gone, so is this). ``check`` is made when
-    a second update reads the same memory (``None`` before: not used).
+    ``tensors`` are the ones the kept ``bound`` reads (the state's and the values', as
+    passed when it was kept, but the state's two counters, which it reads from the state
+    passed now), ``pointers`` the data pointers of those and of the counters, and ``check``
+    their metadata (dtype, device, shape, strides, type). The kept update holds while the tensors
+    passed now *and* the kept ones (which its plan reads, and which the caller may have
+    changed since) still have them; the plan's views keep that memory alive, so no other
+    tensor can sit there meanwhile. ``bound.state`` is ``None``: the kept update never holds
+    the state itself, whose ``step`` tensor it watches by weak reference (when the state is
+    gone, so is this).
     """
 
     bound: Bound
     structure: tuple[object, ...]
+    tensors: list[Tensor]
     pointers: list[int]
-    check: TensorCheck | None  # None: seen once, not used yet
+    check: TensorCheck
     step: weakref.ref[Tensor]
 
 
-class _Plans(threading.local):
-    """This thread's kept updates, one per state (by the identity of its ``step`` tensor)."""
+@dataclass
+class _Seen:
+    """The first update of a state from some memory: its structure and pointers only.
+
+    Nothing is held (no tensor, no plan): a second update from the same memory validates
+    again and is then kept, so updates from new tensors every time (copies, offloaded
+    values) pay only for the pointers and keep nothing alive.
+    """
+
+    structure: tuple[object, ...]
+    pointers: list[int]
+    step: weakref.ref[Tensor]
+
+
+class _Plans:
+    """One thread's kept updates, by the identity of their state's ``step`` tensor."""
 
     def __init__(self) -> None:
-        self.kept: dict[int, _Kept] = {}
+        self.kept: dict[int, _Kept | _Seen] = {}
 
 
-_plans = _Plans()
+_local = threading.local()
+_every_thread: weakref.WeakSet[_Plans] = weakref.WeakSet()
+_every_thread_lock = threading.Lock()
+
+
+def _thread_plans() -> _Plans:
+    """The calling thread's kept updates (made on first use, dropped with the thread)."""
+    plans: _Plans | None = getattr(_local, "plans", None)
+    if plans is None:
+        plans = _local.plans = _Plans()
+        with _every_thread_lock:
+            _every_thread.add(plans)
+    return plans
 
 
 def release_plans() -> int:
-    """Drop the update plans :func:`update_` keeps in the calling thread; return how many.
+    """Drop the update plans :func:`update_` keeps, in every thread; return how many.
 
     ``update_`` validates and plans each update of a state until two in a row read the same
     memory; from then on it keeps that plan while every tensor it reads (the state's and the
@@ -541,9 +572,11 @@ def release_plans() -> int:
     on a 2-core CPU). Anything else validates and plans anew, with the same checks and
     errors as a first call; the bits never depend on it.
 
-    One plan is kept per state (by its ``step`` tensor) and per thread. It holds the state's
-    tensors, the values' memory (the model's weights, usually alive anyway) and its gather
-    buffers (at most 4 MiB of float32 on the CPU). It goes when the state is garbage
+    One plan is kept per state (by its ``step`` tensor) and per thread that updates it. It
+    holds the state's tensors, the values (the model's weights, usually alive anyway) and
+    the plan's gather buffers: on the CPU at most 2**20 elements per dtype, or one value
+    that is not contiguous (a transposed or ``channels_last`` one); on an accelerator a
+    tenth of the averages, as the ``EMA`` adapter keeps. It goes when the state is garbage
     collected, and is replaced when the state is updated from other memory (after
     ``model.to(...)``, say). Call this after dropping a model whose EMA state you keep, to
     free the weights' memory at once.
@@ -551,12 +584,20 @@ def release_plans() -> int:
     Example:
         >>> import torch, functional_ema as fe
         >>> state = fe.init({"w": torch.zeros(2)})
-        >>> _ = fe.update_(state, {"w": torch.ones(2)}, 0.9)
+        >>> params = {"w": torch.ones(2)}
+        >>> _ = fe.release_plans()  # none kept from here on
+        >>> for _ in range(2):  # the second update from the same memory keeps its plan
+        ...     _ = fe.update_(state, params, 0.9)
         >>> fe.release_plans()
         1
     """
-    released = len(_plans.kept)
-    _plans.kept.clear()
+    with _every_thread_lock:
+        every = list(_every_thread)
+    released = 0
+    for plans in every:
+        kept = plans.kept
+        released += sum(isinstance(entry, _Kept) for entry in list(kept.values()))
+        kept.clear()
     return released
 
 
@@ -585,7 +626,7 @@ def _read(
     """
     shadow, shadow_structure = _leaves(state["params"])
     values, structure = _leaves(params)
-    tensors = [*shadow, *values, state["step"], state["nonfinite_updates"]]
+    tensors = [*shadow, *values]
     read: tuple[object, ...] = (
         tuple(state),
         buffers is None,
@@ -599,11 +640,17 @@ def _read(
         current, current_structure = _leaves(buffers)
         tensors += held + current
         read += (held_structure, current_structure)
+    tensors += [state["step"], state["nonfinite_updates"]]  # last: a kept update holds the rest
     return read, tensors
 
 
 def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
-    """Keep ``bound`` (validated and applied) for the next ``update_`` of its state."""
+    """Note ``bound`` (validated and applied) for the next ``update_`` of its state.
+
+    The first update from some memory is only noted (:class:`_Seen`); the second from the
+    same memory is kept (:class:`_Kept`), with the C++ check, which costs about as much as
+    planning.
+    """
     state = bound.state
     if bound.plan is None or torch.compiler.is_compiling():
         return
@@ -612,9 +659,7 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
     pointers = data_ptrs(tensors)
     step = state["step"]
     key = id(step)
-    kept = _plans.kept
-    # The C++ check costs about as much as planning: made on the second update from the
-    # same memory, so that updates from new tensors each time pay only for the pointers.
+    kept = _thread_plans().kept
     before = kept.get(key)
     again = (
         before is not None
@@ -626,12 +671,17 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
     def forget(_: object, key: int = key) -> None:
         kept.pop(key, None)
 
+    watch = weakref.ref(step, forget)
+    if not again:
+        kept[key] = _Seen(structure, pointers, watch)
+        return
     kept[key] = _Kept(
         _rebound(bound, state=None),
         structure,
+        tensors[:-2],  # not the counters: holding ``step`` would keep the state's plan forever
         pointers,
-        tensor_check(tensors) if again else None,
-        weakref.ref(step, forget),
+        tensor_check(tensors),
+        watch,
     )
 
 
@@ -652,11 +702,12 @@ def _kept_bound(
     buffer_policy: BufferPolicy,
 ) -> Bound | None:
     """The kept update of ``state``, bound to it, if it still holds; else ``None``."""
-    if not isinstance(state, dict) or not _plans.kept or torch.compiler.is_compiling():
+    plans: _Plans | None = getattr(_local, "plans", None)
+    if plans is None or not isinstance(state, dict) or torch.compiler.is_compiling():
         return None
     step = state.get("step")
-    kept = _plans.kept.get(id(step))
-    if kept is None or kept.check is None or kept.step() is not step:
+    kept = plans.kept.get(id(step))
+    if not isinstance(kept, _Kept) or kept.step() is not step:
         return None
     try:
         structure, tensors = _read(cast(EmaState, state), params, buffers)
@@ -664,6 +715,13 @@ def _kept_bound(
             return None
         if data_ptrs(tensors) != kept.pointers or not kept.check(tensors):
             return None
+        # The plan reads the kept tensors: unless they are the ones passed now, check them
+        # too (the caller may have moved or reshaped them, then passed others at the same
+        # memory).
+        if not all(map(operator.is_, tensors, kept.tensors)):
+            read = [*kept.tensors, *tensors[-2:]]
+            if data_ptrs(read) != kept.pointers or not kept.check(read):
+                return None
     except Exception:  # anything unexpected (a leaf that is not a tensor): validate instead
         return None
     return _rebound(kept.bound, api=api, state=state)

@@ -273,7 +273,7 @@ def test_threads_keep_their_own_plans() -> None:
     states = [fe.init(fe.module_state(n)[0]) for n in nets]
     references = [Reference(dict(n.named_parameters())) for n in nets]
     errors: list[BaseException] = []
-    start = threading.Barrier(2)
+    start, done, released = threading.Barrier(2), threading.Barrier(3), threading.Barrier(3)
 
     def run(index: int) -> None:
         try:
@@ -283,16 +283,22 @@ def test_threads_keep_their_own_plans() -> None:
                 train(net, 100 * index + step)
                 fe.update_(state, dict(net.named_parameters()), DECAY)
                 reference.update(dict(net.named_parameters()))
-            assert fe.release_plans() == 1  # this thread's only
         except BaseException as error:  # reported below
             errors.append(error)
+        finally:
+            done.wait(timeout=60)
+            released.wait(timeout=60)  # alive until the main thread released their plans
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
+    done.wait(timeout=60)
+    count = fe.release_plans()
+    released.wait(timeout=60)
     for thread in threads:
         thread.join()
     assert not errors, errors
+    assert count == 2  # both threads' plans, released from this one
     for state, reference in zip(states, references, strict=True):
         assert_bits_equal(_averages(state), reference.params)
 
@@ -327,3 +333,54 @@ def test_buffers_resized_by_the_forward_are_planned_anew() -> None:
     net[1].running_mean.resize_(4).fill_(3.0)
     fe.update_(state, params, DECAY, dict(net.named_buffers()))
     assert_bits_equal(state["buffers"]["1.running_mean"], torch.full((4,), 3.0))
+
+
+def test_kept_values_moved_by_the_caller_are_not_read_at_their_new_place() -> None:
+    """The plan reads the tensors it kept: one moved (``.data =``, ``set_``) or reshaped in
+    place after the plan was kept, while others are passed at its old memory, must not be
+    read where it is now."""
+
+    def run(release: bool) -> dict[str, Tensor]:
+        n = 8
+        state = fe.init(
+            {
+                "a": torch.zeros(n),
+                "b": torch.zeros(n),
+                "i": torch.zeros(n, dtype=torch.int64),
+                "r": torch.zeros(n),
+            }
+        )
+        base = torch.arange(20.0)
+        a, b, i, r = torch.ones(n), torch.ones(n), torch.ones(n, dtype=torch.int64), base[:8]
+        for _ in range(3):
+            if release:
+                fe.release_plans()
+            fe.update_(state, {"a": a, "b": b, "i": i, "r": r}, 0.5)
+        aliases = [t.detach() for t in (a, b, i)]  # the same memory and metadata
+        a.data = torch.full((n,), 100.0)
+        i.set_(torch.full((n,), 100, dtype=torch.int64))
+        r.resize_(0)  # its memory is untouched
+        for alias in aliases:
+            alias.fill_(7)
+        base.add_(100)
+        if release:
+            fe.release_plans()
+        fe.update_(state, {"a": aliases[0], "b": aliases[1], "i": aliases[2], "r": base[:8]}, 0.5)
+        return dict(state["params"])
+
+    assert_bits_equal(run(release=False), run(release=True))
+
+
+def test_values_passed_once_are_not_kept_alive() -> None:
+    """A first update from some memory keeps nothing (copies each step are freed at once)."""
+    state = fe.init({"w": torch.zeros(1000)})
+
+    def update_from_a_copy() -> weakref.ref[Tensor]:
+        copy = {"w": torch.randn(1000)}
+        fe.update_(state, copy, 0.9)
+        return weakref.ref(copy["w"])
+
+    refs = [update_from_a_copy() for _ in range(3)]
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    assert fe.release_plans() == 0  # noted, not kept
