@@ -177,6 +177,24 @@ def _guards_for(tensors: Sequence[Tensor]) -> TensorCheck:
     return lambda current: bool(guards.check(*current))
 
 
+def tensor_layout(tensor: Tensor) -> tuple[object, ...]:
+    """What a plan reading ``tensor`` depends on, but its storage.
+
+    :func:`tensor_check`'s metadata without ``requires_grad`` (nor the thread's dispatch
+    state, which the C++ guards also compare): a check that fails while these hold can be
+    made again.
+    """
+    return (
+        type(tensor),
+        tensor.dtype,
+        tensor.device,
+        tensor.shape,
+        tensor.stride(),
+        tensor.is_neg(),
+        tensor.is_conj(),
+    )
+
+
 def _metadata(tensor: Tensor) -> tuple[object, ...]:
     return (
         type(tensor),

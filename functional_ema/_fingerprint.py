@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from functional_ema._compat import tensor_check
+from functional_ema._compat import tensor_check, tensor_layout
 from functional_ema._dtensor import data_ptrs
 
 
@@ -45,18 +45,6 @@ def _values_of(dicts: Sequence[Any]) -> Callable[[Any], Iterable[Any]]:
     if all(isinstance(d, dict) for d in dicts):
         return dict.values
     return operator.methodcaller("values")
-
-
-def layout(tensor: Tensor) -> tuple[object, ...]:
-    """What a plan reading ``tensor`` depends on, but its storage (no ``requires_grad``)."""
-    return (
-        tensor.dtype,
-        tensor.device,
-        tensor.shape,
-        tensor.stride(),
-        tensor.is_neg(),
-        tensor.is_conj(),
-    )
 
 
 class Fingerprint:
@@ -90,7 +78,7 @@ class Fingerprint:
         self.objects = list(chain.from_iterable(map(self.values, filter(None, watched_dicts))))
         self.tensors = list(tensors)
         self.pointers = data_ptrs(self.tensors)
-        self.layouts = [layout(t) for t in self.tensors]
+        self.layouts = list(map(tensor_layout, self.tensors))
         self.check = tensor_check(self.tensors)
 
     def _dicts(self) -> tuple[list[Any], list[Any]]:
@@ -128,7 +116,7 @@ class Fingerprint:
             return False
         if self.check(self.tensors):
             return True
-        if [layout(t) for t in self.tensors] != self.layouts:
+        if list(map(tensor_layout, self.tensors)) != self.layouts:
             return False
         self.check = tensor_check(self.tensors)
         return True

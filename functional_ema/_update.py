@@ -25,7 +25,7 @@ from optree import PyTreeSpec
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, copy_leaf, is_inexact, keep_finite
-from functional_ema._compat import TensorCheck, forced, tensor_check
+from functional_ema._compat import TensorCheck, forced, tensor_check, tensor_layout
 from functional_ema._core import (
     WeightCache,
     check_policy,
@@ -522,7 +522,24 @@ class _Kept:
     tensors: list[Tensor]
     pointers: list[int]
     check: TensorCheck
+    layouts: list[tuple[object, ...]]  # what ``check`` compares, but ``requires_grad``
     step: weakref.ref[Tensor]
+
+    def holds(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` have the kept pointers and metadata.
+
+        A change of ``requires_grad`` alone (a GAN freezing a network each step) or of the
+        thread's dispatch state (a ``TorchDispatchMode``) fails the C++ check but not the
+        layouts: the check is made again and the plan holds.
+        """
+        if data_ptrs(tensors) != self.pointers:
+            return False
+        if self.check(tensors):
+            return True
+        if list(map(tensor_layout, tensors)) != self.layouts:
+            return False
+        self.check = tensor_check(tensors)
+        return True
 
 
 @dataclass
@@ -681,6 +698,7 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
         tensors[:-2],  # not the counters: holding ``step`` would keep the state's plan forever
         pointers,
         tensor_check(tensors),
+        list(map(tensor_layout, tensors)),
         watch,
     )
 
@@ -713,15 +731,15 @@ def _kept_bound(
         structure, tensors = _read(cast(EmaState, state), params, buffers)
         if (*structure, buffer_policy) != kept.structure:
             return None
-        if data_ptrs(tensors) != kept.pointers or not kept.check(tensors):
+        if not kept.holds(tensors):
             return None
         # The plan reads the kept tensors: unless they are the ones passed now, check them
         # too (the caller may have moved or reshaped them, then passed others at the same
         # memory).
-        if not all(map(operator.is_, tensors, kept.tensors)):
-            read = [*kept.tensors, *tensors[-2:]]
-            if data_ptrs(read) != kept.pointers or not kept.check(read):
-                return None
+        if not all(map(operator.is_, tensors, kept.tensors)) and not kept.holds(
+            [*kept.tensors, *tensors[-2:]]
+        ):
+            return None
     except Exception:  # anything unexpected (a leaf that is not a tensor): validate instead
         return None
     return _rebound(kept.bound, api=api, state=state)

@@ -384,3 +384,18 @@ def test_values_passed_once_are_not_kept_alive() -> None:
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
     assert fe.release_plans() == 0  # noted, not kept
+
+
+def test_requires_grad_flipped_each_step_keeps_the_plan(validations: list[str]) -> None:
+    """A GAN freezing a network every other step changes no memory or layout: kept."""
+    net = model()
+    params = dict(net.named_parameters())
+    state = fe.init(fe.module_state(net)[0])
+    reference = Reference(params)
+    for step in range(6):
+        train(net, step)
+        net.requires_grad_(step % 2 == 0)
+        fe.update_(state, params, DECAY)
+        reference.update(params)
+        assert_bits_equal(_averages(state), reference.params)
+    assert validations == ["update_", "update_"]
