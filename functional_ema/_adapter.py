@@ -770,11 +770,13 @@ class EMA(nn.Module):
     def _current(self, api: str) -> tuple[_Planned, dict[str, Tensor]]:
         """The plan for the model as it is now, and the buffers it follows (not kept yet).
 
-        The kept plan while both fingerprints hold; only the buffers planned again when a
-        buffer alone moved (a forward that reassigns one); else everything.
+        The kept plan while both fingerprints hold and its own views still read where they
+        did (a storage shrunk or freed in place moves them); only the buffers planned again
+        when a buffer alone moved (a forward that reassigns one); else everything.
         """
         planned = self._planned
-        if planned is not None and planned.params.holds():
+        plan = None if planned is None else planned.bound.__dict__.get("plan")
+        if planned is not None and planned.params.holds() and (plan is None or plan.intact()):
             if planned.buffers.holds():
                 return planned, {}
             rebound = self._rebind_buffers(api, planned)

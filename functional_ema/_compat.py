@@ -196,16 +196,7 @@ def tensor_layout(tensor: Tensor) -> tuple[object, ...]:
 
 
 def _metadata(tensor: Tensor) -> tuple[object, ...]:
-    return (
-        type(tensor),
-        tensor.dtype,
-        tensor.device,
-        tensor.shape,
-        tensor.stride(),
-        tensor.requires_grad,
-        tensor.is_neg(),
-        tensor.is_conj(),
-    )
+    return (*tensor_layout(tensor), tensor.requires_grad)
 
 
 def _python_check(tensors: Sequence[Tensor]) -> TensorCheck:

@@ -513,6 +513,7 @@ class Plan:
     _weights: dict[tuple[torch.dtype, torch.device], tuple[float, Tensor]] = field(
         default_factory=dict, repr=False
     )
+    _pointers: list[int] = field(default_factory=list, repr=False)
 
     def merged(self, other: Plan) -> Plan:
         """One plan doing the work of both."""
@@ -522,7 +523,36 @@ class Plan:
             self.leaves + other.leaves,
             (self.copies[0] + other.copies[0], self.copies[1] + other.copies[1]),
             self.regions_copied + other.regions_copied,
-        )
+        ).sealed()
+
+    def _views(self) -> list[Tensor]:
+        """The tensors the plan made over memory it does not own, and keeps.
+
+        Views of the averages' and values' storages: their data pointers move if such a
+        storage is resized or freed (``untyped_storage().resize_``), whatever the tensors
+        passed later look like.
+        """
+        views: list[Tensor] = []
+        for region in self.regions:
+            views += [region.shadow, region.value]
+        views += [g.region.shadow for g in self.gathers if g.shadows is None]
+        for held, current in self.regions_copied:
+            views += [held, current]
+        return views
+
+    def sealed(self) -> Plan:
+        """This plan, its views' data pointers noted for :meth:`intact` (returns ``self``)."""
+        self._pointers = list(map(Tensor.data_ptr, self._views()))
+        return self
+
+    def intact(self) -> bool:
+        """Whether the memory the plan's own views read is where it was when it was sealed.
+
+        A kept plan is checked with this as well as the tensors passed now: a storage
+        shrunk or freed in place, then a new tensor made at the old address, keeps the
+        passed tensors' pointers and layouts but not the plan's views'.
+        """
+        return list(map(Tensor.data_ptr, self._views())) == self._pointers
 
     def run(
         self,
@@ -839,7 +869,7 @@ def build_plan(
             continue
         plan.copies[0].extend(s for s, _ in pairs)
         plan.copies[1].extend(v for _, v in pairs)
-    return plan
+    return plan.sealed()
 
 
 def updated(

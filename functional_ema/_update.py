@@ -593,8 +593,9 @@ def release_plans() -> int:
     holds the state's tensors, the values (the model's weights, usually alive anyway) and
     the plan's gather buffers: on the CPU at most 2**20 elements per dtype, or one value
     that is not contiguous (a transposed or ``channels_last`` one); on an accelerator a
-    tenth of the averages, as the ``EMA`` adapter keeps. It goes when the state is garbage
-    collected, and is replaced when the state is updated from other memory (after
+    tenth of the averages, as the ``EMA`` adapter keeps. It goes when the state's ``step``
+    tensor is freed (with the state, unless you keep that tensor elsewhere) or the thread
+    ends, and is replaced when the state is updated from other memory (after
     ``model.to(...)``, say). Call this after dropping a model whose EMA state you keep, to
     free the weights' memory at once.
 
@@ -676,7 +677,8 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
     pointers = data_ptrs(tensors)
     step = state["step"]
     key = id(step)
-    kept = _thread_plans().kept
+    plans = _thread_plans()
+    kept = plans.kept
     before = kept.get(key)
     again = (
         before is not None
@@ -685,8 +687,12 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
         and before.pointers == pointers
     )
 
+    owner = weakref.ref(plans)  # not the dict itself: a cycle would outlive the thread
+
     def forget(_: object, key: int = key) -> None:
-        kept.pop(key, None)
+        alive = owner()
+        if alive is not None:
+            alive.kept.pop(key, None)
 
     watch = weakref.ref(step, forget)
     if not again:
@@ -731,7 +737,7 @@ def _kept_bound(
         structure, tensors = _read(cast(EmaState, state), params, buffers)
         if (*structure, buffer_policy) != kept.structure:
             return None
-        if not kept.holds(tensors):
+        if not kept.holds(tensors) or not kept.bound.plan.intact():  # type: ignore[union-attr]
             return None
         # The plan reads the kept tensors: unless they are the ones passed now, check them
         # too (the caller may have moved or reshaped them, then passed others at the same

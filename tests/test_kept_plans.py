@@ -399,3 +399,77 @@ def test_requires_grad_flipped_each_step_keeps_the_plan(validations: list[str]) 
         reference.update(params)
         assert_bits_equal(_averages(state), reference.params)
     assert validations == ["update_", "update_"]
+
+
+def test_a_storage_freed_in_place_is_not_read_by_a_kept_plan(validations: list[str]) -> None:
+    """``untyped_storage().resize_(0)`` (what FSDP and offloading code do), then a new tensor
+    at the value's memory: the tensors passed look the same, the plan's own view does not."""
+    n = 1 << 16  # updated where it is: the plan holds a view of the value's storage
+    torch.manual_seed(0)
+    a, b = torch.randn(n), torch.randn(n)
+    state = fe.init({"a": torch.zeros(n), "b": torch.zeros(n)})
+    params = {"a": a, "b": b}
+    for _ in range(3):
+        fe.update_(state, params, 0.5)
+    plan = _update._thread_plans().kept[id(state["step"])].bound.plan  # type: ignore[union-attr]
+    assert plan is not None and plan.intact()
+    expected = Reference(dict(state["params"]))
+    address = b.data_ptr()
+    b.untyped_storage().resize_(0)
+    assert not plan.intact()
+    held = []  # allocations until one lands at the old address (the allocator's choice)
+    for _ in range(200):
+        new = torch.full((n,), 100.0)
+        if new.data_ptr() == address:
+            break
+        held.append(new)
+    b.set_(new)
+    fe.update_(state, params, 0.5)
+    expected.update(params, 0.5)
+    assert_bits_equal(_averages(state), expected.params)
+    assert len(validations) == 3
+
+
+def test_a_thread_s_plans_are_freed_when_it_ends_without_the_garbage_collector() -> None:
+    """The state lives on (its ``step`` too); the thread that kept a plan for it ends."""
+    refs: list[weakref.ref[Tensor]] = []
+    state = fe.init({"w": torch.zeros(1000)})
+
+    def run() -> None:
+        values = {"w": torch.randn(1000)}
+        for _ in range(3):
+            fe.update_(state, values, 0.9)
+        refs.append(weakref.ref(values["w"]))
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert refs[0]() is None
+    finally:
+        gc.enable()
+
+
+def test_the_adapter_replans_when_a_storage_is_freed_in_place() -> None:
+    """The same for ``fe.EMA``: its fingerprint sees the parameter object and pointer only."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8))
+    ema = fe.EMA(net, 0.5)
+    for _ in range(3):
+        ema.update()
+    weight = net[0].weight
+    expected = Reference({n: t.clone() for n, t in ema.state()["params"].items()})
+    address = weight.data_ptr()
+    weight.untyped_storage().resize_(0)
+    held = []
+    for _ in range(200):
+        new = torch.full((256, 256), 100.0)
+        if new.data_ptr() == address:
+            break
+        held.append(new)
+    with torch.no_grad():
+        weight.set_(new)
+    ema.update()
+    expected.update(dict(net.named_parameters()), 0.5)
+    assert_bits_equal(dict(ema.state()["params"]), expected.params)
