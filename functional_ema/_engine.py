@@ -252,7 +252,13 @@ def update_bank_leaf_(
         return None
     size = shadow.shape[0]
     valid = _always(shadow.device)
-    out = kernel(shadow.view(size, -1), value.view(1, -1), weight.reshape(size, 1), valid)
+    # Rows of ROW elements, so that the check of each row of values is read again from the
+    # cache by its update; a leaf of another length is one row (read twice: small leaves).
+    numel = value.numel()
+    row = ROW if numel % ROW == 0 else max(numel, 1)
+    out = kernel(
+        shadow.view(size, -1, row), value.view(1, -1, row), weight.reshape(size, 1, 1), valid
+    )
     return out if mask else []
 
 
@@ -888,9 +894,10 @@ def updated(
       gathers every value at once: a few dispatched operations per group, however many
       tensors (the new averages are contiguous views of that buffer, :func:`pack`'s layout);
     - direct: each large contiguous pair gets a new tensor that one kernel call writes from
-      the average and the value (read once each: no copy first); the others are packed in
-      runs of at most ``CHUNK`` elements (so no buffer is large enough to be fresh memory
-      from the system, whose first touch costs more than the update) and updated there.
+      the average and the value (read once each: no copy first); the others, in order
+      across the large ones, are packed in runs of at most ``CHUNK`` elements (so no buffer
+      is large enough to be fresh memory from the system, whose first touch costs more than
+      the update) and updated there.
 
     An average that is not contiguous (``channels_last``, transposed) gets a new tensor laid
     out like it, leaf by leaf. ``copied`` pairs give copies of their values (as
@@ -933,7 +940,7 @@ def updated(
             for i in indices:
                 shadow, value = averaged[i]
                 large = value.numel() >= GATHER_BELOW
-                if run and (large or size + value.numel() > CHUNK):
+                if run and size + value.numel() > CHUNK:
                     plans.append(build_plan(packed(run), []))
                     run, size = [], 0
                 if large and value.is_contiguous() and not (_lazy(value) or _lazy(shadow)):

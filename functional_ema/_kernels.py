@@ -1,9 +1,9 @@
 """The engine's compiled kernels: :func:`_arith.ema_step` over rows, built per key off-thread.
 
-A kernel sees a region of averages as rows of ``ROW`` elements (a bank as K rows of one
-leaf) and updates it in one pass. The kernels are compiled *from* the arithmetic module's
-functions, never restated, so their bits are TensorFlow's by construction; the compiled
-engine tests check that they are.
+A kernel sees a region of averages as rows of ``ROW`` elements (a bank's leaf as K such
+blocks, one per average, of one value's rows) and updates it in one pass. The kernels are
+compiled *from* the arithmetic module's functions, never restated, so their bits are
+TensorFlow's by construction; the compiled engine tests check that they are.
 
 Compiling takes seconds, so it never happens on the caller's thread: the first update that
 wants a kernel starts its build in a daemon thread (which also does the heavy imports, e.g.
@@ -65,9 +65,11 @@ Key = tuple[bool, bool, str, torch.dtype, torch.dtype, bool]
 def update_rows_into(
     shadow: Tensor, value: Tensor, weight: Tensor, valid: Tensor, out: Tensor
 ) -> list[Tensor]:
-    """``shadow`` (R, C) moved towards ``value`` (R or 1, C) by ``weight``, written to ``out``.
+    """``shadow`` (R, C) moved towards ``value`` (R, C) by ``weight``, written to ``out``.
 
-    ``weight`` is 0-dim or (R, 1); ``out`` is shaped like ``shadow`` and may be ``shadow``
+    A bank's K averages of one leaf come as ``shadow`` (K, R, C), ``value`` (1, R, C) and
+    ``weight`` (K, 1, 1). ``weight`` is 0-dim otherwise; ``out`` is shaped like ``shadow``
+    and may be ``shadow``
     itself (the in-place update). Where the 0-dim bool ``valid`` is false, ``out`` gets
     ``shadow``'s bits (an update whose decay or ``dt`` was found out of range on the
     device). Returns ``[weight]``, ignored: with no output Inductor writes ``out`` in a
@@ -88,7 +90,7 @@ def update_rows_masked_into(
     loop over each row.
     """
     row_ok = torch.isfinite(
-        value.to(shadow.dtype).to(sum_dtype(shadow.dtype)).sum(dim=1, keepdim=True)
+        value.to(shadow.dtype).to(sum_dtype(shadow.dtype)).sum(dim=-1, keepdim=True)
     )
     kept, _ = keep_finite(shadow, value)
     stepped = ema_step(shadow, kept, torch.where(row_ok, weight, weight), inplace=False)
@@ -333,7 +335,7 @@ class Compiled:
 
         ``None`` when compiling is off, pending or failed for this key (or not built yet and
         ``build`` is false: too little work to start a build), or for a device without
-        Inductor. ``bank``: shapes ``(K, M)``, ``(1, M)`` and weights ``(K, 1)``. ``into``:
+        Inductor. ``bank``: shapes ``(K, R, C)``, ``(1, R, C)`` and weights ``(K, 1, 1)``. ``into``:
         the kernel takes a fifth argument, ``out``, that receives the new averages
         (``shadow`` is not written).
         Never compiles on the calling thread; waits for the key's build when
@@ -401,20 +403,23 @@ class Compiled:
         """Build ``key``'s kernel (on the build thread); ``(None, reason)`` on any failure."""
         mask, bank, _, shadow_dtype, value_dtype, into = key
         fn = _FUNCTIONS[mask, into]
-        # Shapes as the kernel will mostly see (Inductor tunes its loops to them).
-        rows, columns = (4, 64 * ROW) if bank else (64, ROW)
+        # Shapes as the kernel will mostly see (Inductor tunes its loops to them): rows of
+        # ROW elements, or for a bank K = 4 averages of one leaf, each as rows of ROW.
+        shape: tuple[int, ...] = (4, 64, ROW) if bank else (64, ROW)
+        value_shape = (1, *shape[1:]) if bank else shape
+        weight_shape = (4, 1, 1) if bank else ()
         errors: list[str] = []
         warning_caused = False
         try:
             with _building(), torch.no_grad():
                 examples: tuple[Tensor, ...] = (
-                    torch.zeros(rows, columns, dtype=shadow_dtype, device=device),
-                    torch.zeros(1 if bank else rows, columns, dtype=value_dtype, device=device),
-                    torch.zeros((rows, 1) if bank else (), dtype=shadow_dtype, device=device),
+                    torch.zeros(shape, dtype=shadow_dtype, device=device),
+                    torch.zeros(value_shape, dtype=value_dtype, device=device),
+                    torch.zeros(weight_shape, dtype=shadow_dtype, device=device),
                     torch.ones((), dtype=torch.bool, device=device),
                 )
                 if into:
-                    examples += (torch.zeros(rows, columns, dtype=shadow_dtype, device=device),)
+                    examples += (torch.zeros(shape, dtype=shadow_dtype, device=device),)
                 for build in (standalone_compile, dynamo_compile):
                     if self._exiting:  # the interpreter exits (torch's atexit hooks ran)
                         break

@@ -198,6 +198,8 @@ def main(kind: str, out: Path) -> None:
         "world_size": second.world_size,
     }
     torch.save(result, out / f"{kind}_rank{second.global_rank}.pt")
+    if torch.distributed.is_initialized():  # a clean exit: gloo's threads joined, not killed
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
