@@ -47,7 +47,13 @@ import torch
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, ema_step, ema_step_if_finite_, keep_finite
-from functional_ema._compat import any_functorch_wrapped, foreach_copy_, gather_into, views_of
+from functional_ema._compat import (
+    any_functorch_wrapped,
+    foreach_copy_,
+    gather_into,
+    views_like,
+    views_of,
+)
 from functional_ema._kernels import ROW, compiled
 
 
@@ -931,6 +937,28 @@ def updated(
                 new[i] = out
             return [(out, averaged[i][1]) for i, out in zip(indices, outs, strict=True)]
 
+        def fresh(indices: list[int]) -> bool:
+            """New averages of a run whose averages are one region, computed into one buffer.
+
+            The values are gathered into a per-thread buffer, and one region reads the
+            averages where they are and writes the new ones (no copy of the averages first,
+            no plan to check: nothing is written in place). ``False``: not one region.
+            """
+            shadows = [averaged[i][0] for i in indices]
+            region = flat_view(shadows)
+            if region is None:
+                return False
+            values = [averaged[i][1] for i in indices]
+            out = torch.empty(region.numel(), dtype=region.dtype, device=region.device)
+            gathered = scratch(values[0].dtype, region.device, region.numel(), slot="gather")
+            gather_into(gathered, values)
+            part = Plan(regions=[_Region(region, gathered, out=out)])
+            flags.extend(part.run(weight_for, mask=mask, valid=valid))
+            views = views_like(out, shadows)
+            for i, view in zip(indices, views, strict=True):
+                new[i] = view
+            return True
+
         for (device, dtype, _), indices in groups.items():
             if strategy_for(device) == "batched" or dtype.is_complex:
                 whole += packed(indices)
@@ -941,7 +969,8 @@ def updated(
                 shadow, value = averaged[i]
                 large = value.numel() >= GATHER_BELOW
                 if run and size + value.numel() > CHUNK:
-                    plans.append(build_plan(packed(run), []))
+                    if not fresh(run):
+                        plans.append(build_plan(packed(run), []))
                     run, size = [], 0
                 if large and value.is_contiguous() and not (_lazy(value) or _lazy(shadow)):
                     out = torch.empty(shadow.shape, dtype=dtype, device=device)
@@ -952,7 +981,7 @@ def updated(
                     continue
                 run.append(i)
                 size += value.numel()
-            if run:
+            if run and not fresh(run):
                 plans.append(build_plan(packed(run), []))
         if whole:
             plans.append(build_plan(whole, [], whole=True))
