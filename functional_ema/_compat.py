@@ -246,6 +246,11 @@ def foreach_copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         target.copy_(source)
 
 
+def any_lazy(tensors: Sequence[Tensor]) -> bool:
+    """Whether any tensor is a lazily negated or conjugated view: two passes in C."""
+    return any(map(Tensor.is_neg, tensors)) or any(map(Tensor.is_conj, tensors))
+
+
 def gather_into(buffer: Tensor, sources: Sequence[Tensor]) -> None:
     """Copy ``sources`` back to back into the 1-D ``buffer``, each in its logical order.
 
@@ -257,9 +262,7 @@ def gather_into(buffer: Tensor, sources: Sequence[Tensor]) -> None:
     whose views are made once. Fallback: those views and that copy.
     """
     parts = list(sources)
-    lazy = buffer.device.type != "cpu" and (  # the probe saw only the CPU's kernel read them
-        any(map(Tensor.is_neg, parts)) or any(map(Tensor.is_conj, parts))
-    )
+    lazy = buffer.device.type != "cpu" and any_lazy(parts)  # the probe saw the CPU's kernel
     if parts and not lazy and available("chunk_cat"):
         assert _CHUNK_CAT is not None
         if not all(map(Tensor.dim, parts)):  # 0-dim values: ``_chunk_cat`` wants a dimension

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from functional_ema._compat import tensor_check, tensor_layout
 from functional_ema._engine import pack as _pack_plain
 from functional_ema._errors import describe, wrong_value
 from functional_ema._tree import leaf_paths
@@ -42,6 +43,34 @@ def data_ptrs(tensors: Sequence[Tensor]) -> list[int]:
     if dtensor is None or 0 not in pointers:
         return pointers
     return [local_tensor(t).data_ptr() for t in tensors]
+
+
+class TensorRecord:
+    """What some tensors were when a plan was made from them: data pointers and metadata.
+
+    :meth:`holds` tells whether tensors (the same ones, or others passed in their place)
+    now have the recorded data pointers (of the local shard for a DTensor), dtype, device,
+    shape, strides and type: Dynamo's C++ check first, then, where it fails, the layouts
+    without ``requires_grad``. A change of ``requires_grad`` alone (a GAN freezing a network
+    each step) or of the thread's dispatch state (a ``TorchDispatchMode``) fails the C++
+    check but not the layouts: the check is made again and the record holds.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.pointers = data_ptrs(tensors)
+        self.layouts = list(map(tensor_layout, tensors))
+        self.check = tensor_check(tensors)
+
+    def holds(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether ``tensors`` (in the recorded order) have the recorded pointers and layouts."""
+        if data_ptrs(tensors) != self.pointers:
+            return False
+        if self.check(tensors):
+            return True
+        if list(map(tensor_layout, tensors)) != self.layouts:
+            return False
+        self.check = tensor_check(tensors)
+        return True
 
 
 def wrap_as_dtensor(local: Tensor, template: Any) -> Tensor:

@@ -49,6 +49,7 @@ from torch import Tensor
 from functional_ema._arith import average_leaf, ema_step, ema_step_if_finite_, keep_finite
 from functional_ema._compat import (
     any_functorch_wrapped,
+    any_lazy,
     foreach_copy_,
     gather_into,
     views_like,
@@ -172,11 +173,6 @@ def _always(device: torch.device) -> Tensor:
 def _lazy(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a lazily negated or conjugated view (its memory is not its value)."""
     return tensor.is_neg() or tensor.is_conj()
-
-
-def _any_lazy(tensors: Sequence[Tensor]) -> bool:
-    """Whether any tensor is a lazy view (:func:`_lazy`): two passes in C."""
-    return any(map(Tensor.is_neg, tensors)) or any(map(Tensor.is_conj, tensors))
 
 
 def _plain(tensors: Sequence[Tensor]) -> bool:
@@ -361,7 +357,7 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     ends = list(map(operator.add, starts, map(operator.mul, sizes, repeat(first.itemsize))))
     if starts[1:] != ends[:-1]:
         return None
-    if not all(map(Tensor.is_contiguous, parts)) or _any_lazy(parts):
+    if not all(map(Tensor.is_contiguous, parts)) or any_lazy(parts):
         return None
     if len(parts) > 1 and (
         set(map(_DTYPE, parts)) != {first.dtype} or set(map(_DEVICE, parts)) != {first.device}
@@ -752,7 +748,7 @@ def _plan_group(
         direct_from, eager_chunk = chunk, chunk
     else:
         chunk, direct_from, eager_chunk = CHUNK, GATHER_BELOW, None
-    if shadow_flat is None and _any_lazy(shadows):  # lazy views cannot be copied back into
+    if shadow_flat is None and any_lazy(shadows):  # lazy views cannot be copied back into
         plan.leaves.extend(pairs)
         return lambda: None
     value_flat = flat_view(values) if shadow_flat is not None else None

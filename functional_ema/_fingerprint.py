@@ -28,8 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from functional_ema._compat import tensor_check, tensor_layout
-from functional_ema._dtensor import data_ptrs
+from functional_ema._dtensor import TensorRecord
 
 
 SLOTS = {
@@ -77,9 +76,7 @@ class Fingerprint:
         # Kept alive, so no new object can take one of their ids while this is held.
         self.objects = list(chain.from_iterable(map(self.values, filter(None, watched_dicts))))
         self.tensors = list(tensors)
-        self.pointers = data_ptrs(self.tensors)
-        self.layouts = list(map(tensor_layout, self.tensors))
-        self.check = tensor_check(self.tensors)
+        self.record = TensorRecord(self.tensors)
 
     def _dicts(self) -> tuple[list[Any], list[Any]]:
         watched, named = self.kinds
@@ -108,15 +105,7 @@ class Fingerprint:
     def holds(self) -> bool:
         """Whether the structure holds and every tensor has its storage, offset and layout.
 
-        A change of ``requires_grad`` alone (a GAN freezing its discriminator each step)
-        or of the thread's dispatch state fails the C++ guards but not the layouts: the
-        guards are rebuilt, and the fingerprint holds.
+        A change of ``requires_grad`` alone or of the thread's dispatch state keeps it
+        (see :class:`TensorRecord`).
         """
-        if not self.structure_holds() or data_ptrs(self.tensors) != self.pointers:
-            return False
-        if self.check(self.tensors):
-            return True
-        if list(map(tensor_layout, self.tensors)) != self.layouts:
-            return False
-        self.check = tensor_check(self.tensors)
-        return True
+        return self.structure_holds() and self.record.holds(self.tensors)

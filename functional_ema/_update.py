@@ -25,7 +25,7 @@ from optree import PyTreeSpec
 from torch import Tensor
 
 from functional_ema._arith import average_leaf, copy_leaf, is_inexact, keep_finite
-from functional_ema._compat import TensorCheck, forced, tensor_check, tensor_layout
+from functional_ema._compat import forced
 from functional_ema._core import (
     WeightCache,
     check_policy,
@@ -34,7 +34,7 @@ from functional_ema._core import (
     updated_leaves,
 )
 from functional_ema._decay import check_interval, resolve_decay, steps_covered
-from functional_ema._dtensor import data_ptrs, local_leaves, localize, rewrap
+from functional_ema._dtensor import TensorRecord, data_ptrs, local_leaves, localize, rewrap
 from functional_ema._engine import (
     Plan,
     all_finite,
@@ -508,8 +508,8 @@ class _Kept:
 
     ``tensors`` are the ones the kept ``bound`` reads (the state's and the values', as
     passed when it was kept, but the state's two counters, which it reads from the state
-    passed now), ``pointers`` the data pointers of those and of the counters, and ``check``
-    their metadata (dtype, device, shape, strides, type). The kept update holds while the tensors
+    passed now); ``record`` has their data pointers and metadata (dtype, device, shape,
+    strides, type), and the counters'. The kept update holds while the tensors
     passed now *and* the kept ones (which its plan reads, and which the caller may have
     changed since) still have them; the plan's views keep that memory alive, so no other
     tensor can sit there meanwhile. ``bound.state`` is ``None``: the kept update never holds
@@ -520,26 +520,8 @@ class _Kept:
     bound: Bound
     structure: tuple[object, ...]
     tensors: list[Tensor]
-    pointers: list[int]
-    check: TensorCheck
-    layouts: list[tuple[object, ...]]  # what ``check`` compares, but ``requires_grad``
+    record: TensorRecord
     step: weakref.ref[Tensor]
-
-    def holds(self, tensors: list[Tensor]) -> bool:
-        """Whether ``tensors`` have the kept pointers and metadata.
-
-        A change of ``requires_grad`` alone (a GAN freezing a network each step) or of the
-        thread's dispatch state (a ``TorchDispatchMode``) fails the C++ check but not the
-        layouts: the check is made again and the plan holds.
-        """
-        if data_ptrs(tensors) != self.pointers:
-            return False
-        if self.check(tensors):
-            return True
-        if list(map(tensor_layout, tensors)) != self.layouts:
-            return False
-        self.check = tensor_check(tensors)
-        return True
 
 
 @dataclass
@@ -684,7 +666,7 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
         before is not None
         and before.step() is step
         and before.structure == structure
-        and before.pointers == pointers
+        and (before.record.pointers if isinstance(before, _Kept) else before.pointers) == pointers
     )
 
     owner = weakref.ref(plans)  # not the dict itself: a cycle would outlive the thread
@@ -702,9 +684,7 @@ def _keep(bound: Bound, params: TensorTree, buffers: TensorTree | None) -> None:
         _rebound(bound, state=None),
         structure,
         tensors[:-2],  # not the counters: holding ``step`` would keep the state's plan forever
-        pointers,
-        tensor_check(tensors),
-        list(map(tensor_layout, tensors)),
+        TensorRecord(tensors),
         watch,
     )
 
@@ -737,12 +717,12 @@ def _kept_bound(
         structure, tensors = _read(cast(EmaState, state), params, buffers)
         if (*structure, buffer_policy) != kept.structure:
             return None
-        if not kept.holds(tensors) or not kept.bound.plan.intact():  # type: ignore[union-attr]
+        if not kept.record.holds(tensors) or not kept.bound.plan.intact():  # type: ignore[union-attr]
             return None
         # The plan reads the kept tensors: unless they are the ones passed now, check them
         # too (the caller may have moved or reshaped them, then passed others at the same
         # memory).
-        if not all(map(operator.is_, tensors, kept.tensors)) and not kept.holds(
+        if not all(map(operator.is_, tensors, kept.tensors)) and not kept.record.holds(
             [*kept.tensors, *tensors[-2:]]
         ):
             return None
